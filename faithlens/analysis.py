@@ -1,0 +1,272 @@
+"""Annotating a response: one streaming scoring pass, then the spec's metrics and flags.
+
+:func:`compute_metrics` is the engine room (used by the trainer too); :func:`analyze` turns its result
+into the public :class:`~faithlens.schema.Analysis`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from faithlens.answer import char_span_to_tokens, find_answer_span
+from faithlens.attention import AttentionProbe
+from faithlens.metrics import (
+    Flags,
+    HeadSplit,
+    compute_flags,
+    default_layers,
+    fai_counts,
+    fai_from_sums,
+    group_mean,
+    split_heads,
+)
+from faithlens.model import LoadedModel
+from faithlens.schema import Analysis, AnswerSpan, HeadGroups, Summary, TokenAnnotation
+
+HeadList = list[tuple[int, int]]
+
+
+@dataclass
+class AnalysisParams:
+    """The spec's parameters (§2–5) with its defaults. Field names are the spec's names."""
+
+    W: int = 10
+    H_lo: int = 10
+    H_hi: int | None = 100
+    q: float = 0.4
+    k: int = 3
+    tau_waad: float | None = None  # None: the median WAAD of the response
+    tau_delta: float | None = None  # None: the median Δ of the response
+    layers: list[int] | None = None  # None: five layers from L/3 to 2L/3
+    head_fraction: float = 0.3
+    heads: tuple[HeadList, HeadList] | None = None  # a fixed (local, global) split instead of per-sequence
+    memory_budget_mb: int = 256  # bound on the probe's row-chunk temporaries (implementation choice)
+
+    def __post_init__(self) -> None:
+        if self.W < 1 or self.H_lo < 0 or self.k < 1:
+            raise ValueError("W and k must be ≥ 1 and H_lo ≥ 0")
+        if self.H_hi is not None and self.H_hi < self.H_lo:
+            raise ValueError("H_hi must be ≥ H_lo (or None for 'to the end')")
+        if not 0.0 < self.q <= 1.0 or not 0.0 < self.head_fraction <= 0.5:
+            raise ValueError("q must be in (0, 1] and head_fraction in (0, 0.5]")
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        if self.heads is not None:
+            return sorted({layer for group in self.heads for layer, _ in group})
+        layers = self.layers if self.layers is not None else default_layers(num_layers)
+        bad = [layer for layer in layers if not 0 <= layer < num_layers]
+        if bad or not layers:
+            raise ValueError(f"layers {bad or layers} out of range for a {num_layers}-layer model")
+        return sorted(set(layers))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SequenceMetrics:
+    """Everything one scoring pass yields, in tensors, before it is dressed as a schema."""
+
+    input_ids: list[int]
+    prompt_len: int
+    layers: list[int]
+    heads: HeadList  # every (layer, head) considered, in probe order
+    split: HeadSplit
+    head_distance: torch.Tensor  # mean backward distance d per head
+    waad: torch.Tensor  # response-relative
+    fai: torch.Tensor  # every position, NaN where undefined
+    flags: Flags
+    logprobs: torch.Tensor | None  # response-relative; NaN for a first token with no context
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_fai(self) -> torch.Tensor:
+        return self.fai[self.prompt_len :]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _response_logprobs(
+    model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, chunk: int = 256
+) -> torch.Tensor:
+    """log p(x_t | x_<t) for response positions, with the LM head applied in chunks (no N×V logits)."""
+    head = model.get_output_embeddings()
+    n = input_ids.shape[-1]
+    out = torch.full((n - prompt_len,), float("nan"), dtype=torch.float32)
+    first = max(prompt_len, 1)
+    for t0 in range(first, n, chunk):
+        t1 = min(n, t0 + chunk)
+        logits = head(hidden[0, t0 - 1 : t1 - 1]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        out[t0 - prompt_len : t1 - prompt_len] = logp.gather(-1, input_ids[0, t0:t1, None])[:, 0].cpu()
+    return out
+
+
+def _collect_heads(probe: AttentionProbe, layers: list[int], n: int, prompt_len: int):
+    heads: HeadList = []
+    distance, waad, fai_sum = [], [], []
+    n_rows = max(n - prompt_len, 1)
+    for layer in layers:
+        for h in range(probe.distance[layer].shape[0]):
+            heads.append((layer, h))
+        distance.append(probe.distance[layer] / n_rows)
+        waad.append(probe.waad[layer])
+        fai_sum.append(probe.fai_sum[layer])
+    return heads, torch.cat(distance).cpu(), torch.cat(waad).cpu(), torch.cat(fai_sum).cpu()
+
+
+def _resolve_split(params: AnalysisParams, heads: HeadList, distance: torch.Tensor) -> HeadSplit:
+    if params.heads is None:
+        return split_heads(distance, params.head_fraction)
+    position = {pair: i for i, pair in enumerate(heads)}
+    try:
+        return HeadSplit(
+            local=[position[tuple(p)] for p in params.heads[0]],
+            global_=[position[tuple(p)] for p in params.heads[1]],
+        )
+    except KeyError as exc:
+        raise ValueError(f"head {exc.args[0]} is not in the model") from exc
+
+
+@torch.inference_mode()
+def compute_metrics(
+    lm: LoadedModel,
+    input_ids: list[int],
+    prompt_len: int,
+    params: AnalysisParams | None = None,
+    with_logprobs: bool = True,
+) -> SequenceMetrics:
+    """One scoring forward pass over prompt+response, streaming per-head metrics (spec §1–5)."""
+    params = params or AnalysisParams()
+    if not 0 <= prompt_len < len(input_ids):
+        raise ValueError("the response must have at least one token")
+    model = unwrap(lm.model)
+    layers = params.resolved_layers(model.config.num_hidden_layers)
+    probe = AttentionProbe(
+        layers=layers,
+        response_start=prompt_len,
+        window=params.W,
+        h_lo=params.H_lo,
+        h_hi=params.H_hi,
+        memory_budget_bytes=params.memory_budget_mb * 2**20,
+    )
+    ids = torch.tensor([input_ids], device=lm.device)
+    started = time.perf_counter()
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=ids, use_cache=False, faithlens_probe=probe).last_hidden_state
+    logprobs = _response_logprobs(model, hidden, ids, prompt_len) if with_logprobs else None
+    scored = time.perf_counter()
+    n = len(input_ids)
+    heads, distance, waad_heads, fai_heads = _collect_heads(probe, layers, n, prompt_len)
+    split = _resolve_split(params, heads, distance)
+    waad = group_mean(waad_heads, split.local)
+    fai = fai_from_sums(
+        group_mean(fai_heads, split.global_), fai_counts(n, prompt_len, params.H_lo, params.H_hi)
+    )
+    flags = compute_flags(waad, fai[prompt_len:], params.q, params.k, params.tau_waad, params.tau_delta)
+    return SequenceMetrics(
+        input_ids=list(input_ids),
+        prompt_len=prompt_len,
+        layers=layers,
+        heads=heads,
+        split=split,
+        head_distance=distance,
+        waad=waad,
+        fai=fai,
+        flags=flags,
+        logprobs=logprobs,
+        timings={"scoring": scored - started, "metrics": time.perf_counter() - scored},
+    )
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _answer_span(texts: list[str], prompt_len: int) -> AnswerSpan | None:
+    span = find_answer_span("".join(texts))
+    tokens = char_span_to_tokens(texts, span) if span else None
+    if span is None or tokens is None:
+        return None
+    return AnswerSpan(start=prompt_len + tokens[0], end=prompt_len + tokens[1], text=span.text)
+
+
+def to_schema(
+    lm: LoadedModel, metrics: SequenceMetrics, params: AnalysisParams, adapter: str | None
+) -> Analysis:
+    """Dress :class:`SequenceMetrics` as the public annotation schema."""
+    p = metrics.prompt_len
+    texts = lm.token_texts(metrics.input_ids)
+    flags = metrics.flags
+    logprobs = metrics.logprobs.tolist() if metrics.logprobs is not None else None
+    tokens = [
+        TokenAnnotation(
+            index=p + i,
+            id=metrics.input_ids[p + i],
+            text=texts[p + i],
+            logprob=_finite(logprobs[i]) if logprobs else None,
+            fai=_finite(float(metrics.fai[p + i])),
+            waad=float(metrics.waad[i]),
+            preplan=flags.preplan[i],
+            anchor=flags.anchor[i],
+            dominated_anchor=flags.dominated_anchor[i],
+            intro=flags.intro[i],
+        )
+        for i in range(len(metrics.input_ids) - p)
+    ]
+    summary = Summary(
+        num_prompt_tokens=p,
+        num_response_tokens=len(tokens),
+        num_anchors=sum(flags.anchor),
+        num_preplan=sum(flags.preplan),
+        num_dominated_anchors=sum(flags.dominated_anchor),
+        num_coupled_pairs=len(flags.coupled_pairs),
+        coupled_pairs=[(p + u, p + t) for u, t in flags.coupled_pairs],
+        mean_fai=_mean([t.fai for t in tokens]),
+        mean_waad=_mean([t.waad for t in tokens]),
+        tau_waad=flags.tau_waad,
+        tau_delta=flags.tau_delta,
+    )
+    return Analysis(
+        model=lm.name,
+        adapter=adapter,
+        prompt_token_ids=metrics.input_ids[:p],
+        prompt_tokens=texts[:p],
+        prompt_fai=[_finite(float(x)) for x in metrics.fai[:p]],
+        tokens=tokens,
+        layers=metrics.layers,
+        heads=HeadGroups(
+            local=[metrics.heads[i] for i in metrics.split.local],
+            global_=[metrics.heads[i] for i in metrics.split.global_],
+        ),
+        params={**params.as_dict(), "layers": metrics.layers},
+        answer_span=_answer_span(texts[p:], p),
+        summary=summary,
+        timings=dict(metrics.timings),
+    )
+
+
+def analyze(
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    params: AnalysisParams | None = None,
+    adapter: str | None = None,
+) -> Analysis:
+    """Annotate ``response_ids`` (following ``prompt_ids``) with FAI, WAAD and flags."""
+    params = params or AnalysisParams()
+    metrics = compute_metrics(lm, list(prompt_ids) + list(response_ids), len(prompt_ids), params)
+    return to_schema(lm, metrics, params, adapter)
