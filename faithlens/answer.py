@@ -70,12 +70,12 @@ def find_answer_span(text: str) -> CharSpan | None:
 
 
 def parse_number(text: str) -> float | None:
-    """The last number in ``text``, with commas and ``$`` removed."""
-    numbers = _NUMBER.findall(text)
-    if not numbers:
+    """The first number in an answer span (``12`` in "12 dollars"), with commas and ``$`` removed."""
+    found = _NUMBER.search(text)
+    if found is None:
         return None
     try:
-        return float(numbers[-1].replace(",", "").replace("$", ""))
+        return float(found.group().replace(",", "").replace("$", ""))
     except ValueError:
         return None
 

@@ -52,7 +52,9 @@ def reference_metrics(model, input_ids, p, layers, W=10, H_lo=10, H_hi=100, frac
     local, global_ = order[:m], order[-m:]
     a_loc = sum(maps[i] for i in local) / m
     a_glob = sum(maps[i] for i in global_) / m
-    waad = torch.tensor([sum(float(a_loc[t, s]) * min(t - s, W) for s in range(t + 1)) for t in rows])
+    waad = torch.tensor(
+        [sum(float(a_loc[t, s]) * min(t - s, W) for s in range(t + 1)) for t in rows], dtype=torch.float64
+    )
     fai = torch.full((n,), float("nan"), dtype=torch.float64)
     for s in range(n):
         hi = n - 1 if H_hi is None else min(n - 1, s + H_hi)

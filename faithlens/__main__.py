@@ -1,0 +1,3 @@
+from faithlens.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Developer CLI: ``python -m faithlens {analyze,generate,demo}``.
+
+Not the product CLI (that is ``faithlens`` from the client package); this one runs the model in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from faithlens.analysis import AnalysisParams, analyze
+from faithlens.generation import SamplingParams, generate
+from faithlens.logs import configure_logging
+from faithlens.model import LoadedModel, ModelNotFoundError, load_model
+from faithlens.schema import Analysis
+from faithlens.settings import get_settings
+
+
+def _none_or_int(value: str) -> int | None:
+    return None if value.lower() in {"none", "end"} else int(value)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="HF model directory or .gguf file (default: FAITHLENS_MODEL or SmolLM2)"
+    )
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--json", action="store_true", help="print the annotation JSON")
+
+
+def _add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    d = AnalysisParams()
+    group = parser.add_argument_group("analysis parameters (spec defaults)")
+    group.add_argument("--W", type=int, default=d.W, help="WAAD window")
+    group.add_argument("--H-lo", type=int, default=d.H_lo, help="FAI horizon start")
+    group.add_argument("--H-hi", type=_none_or_int, default=d.H_hi, help="FAI horizon end, or 'none'")
+    group.add_argument("--q", type=float, default=d.q, help="top-q share for flags")
+    group.add_argument("--k", type=int, default=d.k, help="look-back for dominated anchors")
+    group.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 10,12,15")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m faithlens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_an = sub.add_parser("analyze", help="annotate a completion you already have")
+    p_an.add_argument("--prompt", required=True)
+    p_an.add_argument("--completion", required=True)
+    p_gen = sub.add_parser("generate", help="generate a response, then annotate it")
+    p_gen.add_argument("--prompt", required=True)
+    p_demo = sub.add_parser("demo", help="annotate the model's answer to a GSM8K dev question")
+    p_demo.add_argument("--index", type=int, default=0, help="which dev question")
+    for p in (p_gen, p_demo):
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--seed", type=int)
+    for p in (p_an, p_gen, p_demo):
+        _add_model_args(p)
+        _add_analysis_args(p)
+    return parser
+
+
+def _params(args: argparse.Namespace) -> AnalysisParams:
+    return AnalysisParams(W=args.W, H_lo=args.H_lo, H_hi=args.H_hi, q=args.q, k=args.k, layers=args.layers)
+
+
+def _flags(tok) -> str:
+    marks = [("anchor", "A"), ("preplan", "P"), ("dominated_anchor", "D"), ("intro", "I")]
+    return "".join(letter for name, letter in marks if getattr(tok, name))
+
+
+def render_table(analysis: Analysis, console: Console) -> None:
+    """A readable table: one row per response token, anchors highlighted."""
+    table = Table(title=f"{analysis.model}: {len(analysis.tokens)} response tokens", show_lines=False)
+    for column in ("index", "token", "logprob", "FAI", "WAAD", "flags"):
+        table.add_column(column, justify="right" if column not in {"token", "flags"} else "left")
+    fais = [t.fai for t in analysis.tokens if t.fai is not None]
+    top = max(fais) if fais else 1.0
+    for tok in analysis.tokens:
+        style = "bold black on yellow" if tok.anchor else ("cyan" if tok.preplan else "")
+        fai = "null" if tok.fai is None else f"{tok.fai:.4f}"
+        heat = "" if tok.fai is None else "█" * round(8 * tok.fai / top) if top > 0 else ""
+        table.add_row(
+            str(tok.index),
+            Text(repr(tok.text)[1:-1], style=style),
+            "" if tok.logprob is None else f"{tok.logprob:.2f}",
+            Text(f"{fai} {heat}", style="yellow" if tok.anchor else ""),
+            "" if tok.waad is None else f"{tok.waad:.2f}",
+            Text(_flags(tok), style="magenta" if tok.dominated_anchor else ""),
+        )
+    console.print(table)
+    s = analysis.summary
+    console.print(
+        f"anchors={s.num_anchors} preplan={s.num_preplan} dominated={s.num_dominated_anchors} "
+        f"coupled_pairs={s.num_coupled_pairs} answer={analysis.answer_span.text if analysis.answer_span else None!r}"
+    )
+    console.print("flags: A anchor, P preplan, D dominated anchor, I intro of a dominated anchor")
+
+
+def _emit(analysis: Analysis, as_json: bool, extra: dict | None = None) -> None:
+    if as_json:
+        print(json.dumps({**(extra or {}), **analysis.to_json_dict()}, indent=2))
+    else:
+        console = Console()
+        for key, value in (extra or {}).items():
+            console.print(f"[bold]{key}[/bold]: {value}")
+        render_table(analysis, console)
+
+
+def _generate_and_annotate(lm: LoadedModel, args, prompt: str) -> None:
+    prompt_ids = lm.prompt_ids(prompt, chat=args.chat)
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
+    gen = generate(lm, prompt_ids, sampling)
+    if not gen.token_ids:
+        raise SystemExit("the model generated no tokens")
+    analysis = analyze(lm, prompt_ids, gen.token_ids, _params(args))
+    _emit(analysis, args.json, {"prompt": prompt, "text": gen.text, "finish_reason": gen.finish_reason})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        lm = load_model(args.model or settings.model, settings.device, settings.dtype, settings.cache_dir)
+    except ModelNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "analyze":
+        prompt_ids = lm.prompt_ids(args.prompt, chat=args.chat)
+        analysis = analyze(lm, prompt_ids, lm.completion_ids(args.completion), _params(args))
+        _emit(analysis, args.json)
+    elif args.command == "generate":
+        _generate_and_annotate(lm, args, args.prompt)
+    else:
+        from faithlens.data import load_gsm8k
+
+        problem = load_gsm8k("dev")[args.index]
+        args.chat = True
+        _generate_and_annotate(lm, args, problem.question)
+        if not args.json:
+            Console().print(f"[bold]reference[/bold]: {problem.answer.rsplit('####', 1)[-1].strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny models built in code, the embedded SmolLM2, and GSM8K from ../shared."""
+
+from __future__ import annotations
+
+import pytest
+
+from faithlens.model import LoadedModel, load_model
+from faithlens.settings import get_settings
+from faithlens.tiny import tiny_loaded_model
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LoadedModel:
+    """The embedded default, loaded once per session (the GGUF conversion is cached on disk)."""
+    settings = get_settings()
+    return load_model(None, device="cpu", dtype="float32", cache_dir=settings.cache_dir)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+def tiny_lm(request) -> LoadedModel:
+    return tiny_loaded_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    return tiny_loaded_model("llama")
