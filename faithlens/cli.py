@@ -95,9 +95,10 @@ def render_table(analysis: Analysis, console: Console) -> None:
         )
     console.print(table)
     s = analysis.summary
+    answer = analysis.answer_span.text if analysis.answer_span else None
     console.print(
         f"anchors={s.num_anchors} preplan={s.num_preplan} dominated={s.num_dominated_anchors} "
-        f"coupled_pairs={s.num_coupled_pairs} answer={analysis.answer_span.text if analysis.answer_span else None!r}"
+        f"coupled_pairs={s.num_coupled_pairs} answer={answer!r}"
     )
     console.print("flags: A anchor, P preplan, D dominated anchor, I intro of a dominated anchor")
 
