@@ -30,6 +30,8 @@ test: setup lint
 
 bench-smoke: setup
 	$(PY) bench/annotate.py --smoke
+	$(PY) bench/memory.py --smoke
+	$(PY) bench/atman.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -18,20 +18,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, peak_rss_mib, print_table, reset_peak_rss, run_isolated, timed  # noqa: E402
+from bench.common import machine, peak_rss_mib, print_table, reset_peak_rss, run_isolated, timed
 
 VARIANTS = ("plain", "faithlens", "naive")
 
 
 def naive_metrics(lm, ids: list[int], prompt_len: int, layers: list[int]) -> None:
     """The output_attentions approach: materialise eager attention of every layer, then the spec's formulas."""
-    from faithlens.analysis import unwrap
     from faithlens.metrics import compute_flags, fai_counts, split_heads
+    from faithlens.model import unwrap
 
     model = unwrap(lm.model)
     model.set_attn_implementation("eager")
     with torch.inference_mode():
-        attn = model(torch.tensor([ids], device=lm.device), output_attentions=True, use_cache=False).attentions
+        attn = model(
+            torch.tensor([ids], device=lm.device), output_attentions=True, use_cache=False
+        ).attentions
     model.set_attn_implementation("faithlens")
     a = torch.cat([attn[layer][0] for layer in layers]).float()  # (heads, N, N)
     n = len(ids)
@@ -110,8 +112,17 @@ def main() -> None:
         )
     print_table(
         f"annotation cost ({'tiny model, smoke' if args.smoke else 'SmolLM2-135M'})",
-        ["new tokens", "plain s", "+faithlens s", "+naive s", "faithlens ×", "naive ×",
-         "plain peak MiB", "faithlens peak MiB", "naive peak MiB"],
+        [
+            "new tokens",
+            "plain s",
+            "+faithlens s",
+            "+naive s",
+            "faithlens ×",
+            "naive ×",
+            "plain peak MiB",
+            "faithlens peak MiB",
+            "naive peak MiB",
+        ],
         rows,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -42,10 +43,9 @@ def machine() -> dict[str, Any]:
 
 def reset_peak_rss() -> float:
     """Reset this process's peak RSS (Linux VmHWM) and return the current RSS in MiB."""
-    try:
+    # Not Linux, or not allowed: the peak then includes model loading.
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux, or not allowed: the peak then includes model loading
     return current_rss_mib()
 
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, peak_rss_mib, print_table, reset_peak_rss, run_isolated, timed  # noqa: E402
+from bench.common import machine, peak_rss_mib, print_table, reset_peak_rss, run_isolated, timed
 
 VARIANTS = ("forward_logits", "forward_hidden", "faithlens")
 
@@ -35,13 +35,17 @@ def _long_ids(lm, n: int) -> list[int]:
 
 
 def worker(variant: str, n: int, model: str | None) -> dict:
-    from faithlens.analysis import compute_metrics, unwrap
-    from faithlens.model import load_model
+    from faithlens.analysis import compute_metrics
+    from faithlens.model import load_model, unwrap
     from faithlens.settings import get_settings
     from faithlens.tiny import tiny_loaded_model
 
     torch.set_grad_enabled(False)
-    lm = tiny_loaded_model("llama") if model == "tiny" else load_model(model, cache_dir=get_settings().cache_dir)
+    lm = (
+        tiny_loaded_model("llama")
+        if model == "tiny"
+        else load_model(model, cache_dir=get_settings().cache_dir)
+    )
     ids = _long_ids(lm, n)
     prompt_len = min(256, n // 4)
     tensor = torch.tensor([ids], device=lm.device)
@@ -54,7 +58,12 @@ def worker(variant: str, n: int, model: str | None) -> dict:
         _, seconds = timed(lambda: backbone(input_ids=tensor, use_cache=False).last_hidden_state.shape)
     else:
         _, seconds = timed(lambda: compute_metrics(lm, ids, prompt_len))
-    return {"variant": variant, "tokens": n, "seconds": seconds, "peak_above_loaded_mib": peak_rss_mib() - base}
+    return {
+        "variant": variant,
+        "tokens": n,
+        "seconds": seconds,
+        "peak_above_loaded_mib": peak_rss_mib() - base,
+    }
 
 
 def main() -> None:

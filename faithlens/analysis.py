@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from faithlens.answer import char_span_to_tokens, find_answer_span
+from faithlens.atman import Saliency, SaliencyParams, compute_saliency
 from faithlens.attention import AttentionProbe
+from faithlens.faithfulness import counterfactual, saliency_shares, spearman_fai_saliency
 from faithlens.metrics import (
     Flags,
     HeadSplit,
@@ -25,7 +27,7 @@ from faithlens.metrics import (
     group_mean,
     split_heads,
 )
-from faithlens.model import LoadedModel
+from faithlens.model import LoadedModel, unwrap
 from faithlens.schema import Analysis, AnswerSpan, HeadGroups, Summary, TokenAnnotation
 
 HeadList = list[tuple[int, int]]
@@ -87,11 +89,6 @@ class SequenceMetrics:
     @property
     def response_fai(self) -> torch.Tensor:
         return self.fai[self.prompt_len :]
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers stay injected and active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _response_logprobs(
@@ -204,11 +201,32 @@ def _answer_span(texts: list[str], prompt_len: int) -> AnswerSpan | None:
     return AnswerSpan(start=prompt_len + tokens[0], end=prompt_len + tokens[1], text=span.text)
 
 
+def _saliency_summary(
+    lm: LoadedModel, metrics: SequenceMetrics, sal: Saliency, params: SaliencyParams
+) -> dict:
+    reasoning_share, prompt_share = saliency_shares(sal, metrics.prompt_len)
+    return {
+        "saliency_method": sal.method,
+        "saliency_target": sal.target,
+        "target_logprob": sal.base_logprob,
+        "reasoning_saliency_share": reasoning_share,
+        "prompt_saliency_share": prompt_share,
+        "spearman_fai_saliency": spearman_fai_saliency(metrics.fai, sal, metrics.prompt_len),
+        "counterfactual": counterfactual(lm, metrics.input_ids, metrics.prompt_len, sal, params),
+        "r_faith": sal.extra.get("r_faith"),
+    }
+
+
 def to_schema(
-    lm: LoadedModel, metrics: SequenceMetrics, params: AnalysisParams, adapter: str | None
+    lm: LoadedModel,
+    metrics: SequenceMetrics,
+    params: AnalysisParams,
+    adapter: str | None,
+    saliency: tuple[Saliency, SaliencyParams] | None = None,
 ) -> Analysis:
-    """Dress :class:`SequenceMetrics` as the public annotation schema."""
+    """Dress :class:`SequenceMetrics` (and saliency, if computed) as the public annotation schema."""
     p = metrics.prompt_len
+    scores = [_finite(float(x)) for x in saliency[0].scores] if saliency else [None] * len(metrics.input_ids)
     texts = lm.token_texts(metrics.input_ids)
     flags = metrics.flags
     logprobs = metrics.logprobs.tolist() if metrics.logprobs is not None else None
@@ -224,6 +242,7 @@ def to_schema(
             anchor=flags.anchor[i],
             dominated_anchor=flags.dominated_anchor[i],
             intro=flags.intro[i],
+            saliency=scores[p + i],
         )
         for i in range(len(metrics.input_ids) - p)
     ]
@@ -239,6 +258,7 @@ def to_schema(
         mean_waad=_mean([t.waad for t in tokens]),
         tau_waad=flags.tau_waad,
         tau_delta=flags.tau_delta,
+        **(_saliency_summary(lm, metrics, *saliency) if saliency else {}),
     )
     return Analysis(
         model=lm.name,
@@ -246,6 +266,7 @@ def to_schema(
         prompt_token_ids=metrics.input_ids[:p],
         prompt_tokens=texts[:p],
         prompt_fai=[_finite(float(x)) for x in metrics.fai[:p]],
+        prompt_saliency=scores[:p] if saliency else None,
         tokens=tokens,
         layers=metrics.layers,
         heads=HeadGroups(
@@ -265,8 +286,16 @@ def analyze(
     response_ids: list[int],
     params: AnalysisParams | None = None,
     adapter: str | None = None,
+    saliency: SaliencyParams | None = None,
 ) -> Analysis:
-    """Annotate ``response_ids`` (following ``prompt_ids``) with FAI, WAAD and flags."""
+    """Annotate ``response_ids`` (following ``prompt_ids``) with FAI, WAAD, flags and, when asked,
+    saliency and the faithfulness summary."""
     params = params or AnalysisParams()
-    metrics = compute_metrics(lm, list(prompt_ids) + list(response_ids), len(prompt_ids), params)
-    return to_schema(lm, metrics, params, adapter)
+    ids = list(prompt_ids) + list(response_ids)
+    metrics = compute_metrics(lm, ids, len(prompt_ids), params)
+    computed = None
+    if saliency is not None:
+        started = time.perf_counter()
+        computed = (compute_saliency(lm, ids, len(prompt_ids), saliency), saliency)
+        metrics.timings["saliency"] = time.perf_counter() - started
+    return to_schema(lm, metrics, params, adapter, computed)

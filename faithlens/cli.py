@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from faithlens.analysis import AnalysisParams, analyze
+from faithlens.atman import METHODS, SaliencyParams
 from faithlens.generation import SamplingParams, generate
 from faithlens.logs import configure_logging
 from faithlens.model import LoadedModel, ModelNotFoundError, load_model
@@ -43,6 +44,15 @@ def _add_analysis_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--q", type=float, default=d.q, help="top-q share for flags")
     group.add_argument("--k", type=int, default=d.k, help="look-back for dominated anchors")
     group.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 10,12,15")
+    sal = parser.add_argument_group("saliency (spec §7–8)")
+    sal.add_argument("--saliency", choices=METHODS, help="compute saliency with this method")
+    sal.add_argument("--granularity", choices=["token", "word", "sentence"], default="token")
+    sal.add_argument("--target", default="answer", help="answer, response, or comma-separated positions")
+    sal.add_argument("--factor", type=float, default=0.1, help="suppression factor f (> 1 amplifies)")
+    sal.add_argument("--conceptual", type=float, help="conceptual suppression threshold κ (off by default)")
+    sal.add_argument("--postprocess", choices=["none", "absolute", "square"], default="none")
+    sal.add_argument("--normalize", action="store_true", help="min-max normalise the scores")
+    sal.add_argument("--rl-steps", type=int, default=200, help="AtManRL mask optimisation steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +79,24 @@ def _params(args: argparse.Namespace) -> AnalysisParams:
     return AnalysisParams(W=args.W, H_lo=args.H_lo, H_hi=args.H_hi, q=args.q, k=args.k, layers=args.layers)
 
 
+def _saliency(args: argparse.Namespace) -> SaliencyParams | None:
+    if args.saliency is None:
+        return None
+    target = (
+        args.target if args.target in {"answer", "response"} else [int(x) for x in args.target.split(",")]
+    )
+    return SaliencyParams(
+        method=args.saliency,
+        factor=args.factor,
+        conceptual_threshold=args.conceptual,
+        granularity=args.granularity,
+        postprocess=args.postprocess,
+        normalize=args.normalize,
+        target=target,
+        rl_steps=args.rl_steps,
+    )
+
+
 def _flags(tok) -> str:
     marks = [("anchor", "A"), ("preplan", "P"), ("dominated_anchor", "D"), ("intro", "I")]
     return "".join(letter for name, letter in marks if getattr(tok, name))
@@ -77,7 +105,9 @@ def _flags(tok) -> str:
 def render_table(analysis: Analysis, console: Console) -> None:
     """A readable table: one row per response token, anchors highlighted."""
     table = Table(title=f"{analysis.model}: {len(analysis.tokens)} response tokens", show_lines=False)
-    for column in ("index", "token", "logprob", "FAI", "WAAD", "flags"):
+    with_saliency = analysis.summary.saliency_method is not None
+    columns = ["index", "token", "logprob", "FAI", "WAAD", "flags"] + (["saliency"] if with_saliency else [])
+    for column in columns:
         table.add_column(column, justify="right" if column not in {"token", "flags"} else "left")
     fais = [t.fai for t in analysis.tokens if t.fai is not None]
     top = max(fais) if fais else 1.0
@@ -92,6 +122,7 @@ def render_table(analysis: Analysis, console: Console) -> None:
             Text(f"{fai} {heat}", style="yellow" if tok.anchor else ""),
             "" if tok.waad is None else f"{tok.waad:.2f}",
             Text(_flags(tok), style="magenta" if tok.dominated_anchor else ""),
+            *([] if not with_saliency else ["" if tok.saliency is None else f"{tok.saliency:+.4f}"]),
         )
     console.print(table)
     s = analysis.summary
@@ -100,6 +131,11 @@ def render_table(analysis: Analysis, console: Console) -> None:
         f"anchors={s.num_anchors} preplan={s.num_preplan} dominated={s.num_dominated_anchors} "
         f"coupled_pairs={s.num_coupled_pairs} answer={answer!r}"
     )
+    if with_saliency:
+        console.print(
+            f"saliency={s.saliency_method} reasoning_share={s.reasoning_saliency_share} "
+            f"spearman(FAI, saliency)={s.spearman_fai_saliency} counterfactual={s.counterfactual}"
+        )
     console.print("flags: A anchor, P preplan, D dominated anchor, I intro of a dominated anchor")
 
 
@@ -121,7 +157,7 @@ def _generate_and_annotate(lm: LoadedModel, args, prompt: str) -> None:
     gen = generate(lm, prompt_ids, sampling)
     if not gen.token_ids:
         raise SystemExit("the model generated no tokens")
-    analysis = analyze(lm, prompt_ids, gen.token_ids, _params(args))
+    analysis = analyze(lm, prompt_ids, gen.token_ids, _params(args), saliency=_saliency(args))
     _emit(analysis, args.json, {"prompt": prompt, "text": gen.text, "finish_reason": gen.finish_reason})
 
 
@@ -136,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "analyze":
         prompt_ids = lm.prompt_ids(args.prompt, chat=args.chat)
-        analysis = analyze(lm, prompt_ids, lm.completion_ids(args.completion), _params(args))
+        completion = lm.completion_ids(args.completion)
+        analysis = analyze(lm, prompt_ids, completion, _params(args), saliency=_saliency(args))
         _emit(analysis, args.json)
     elif args.command == "generate":
         _generate_and_annotate(lm, args, args.prompt)

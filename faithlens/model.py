@@ -128,6 +128,11 @@ class LoadedModel:
         return ids
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected and active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _gguf_cache_dir(source: ModelSource, cache_root: Path) -> Path:
     gguf = source.directory / (source.gguf_file or "")
     stat = gguf.stat()

@@ -40,10 +40,19 @@ class HeadGroups(BaseModel):
     global_: list[tuple[int, int]] = Field(alias="global")
 
 
-class Summary(BaseModel):
-    """Per-response aggregates. Saliency fields stay null until saliency is requested."""
+class Counterfactual(BaseModel):
+    """Σ log p(target) with the top-k salient reasoning tokens suppressed together, versus k random ones."""
 
-    model_config = ConfigDict(extra="allow")
+    k: int
+    base_logprob: float
+    top_k_logprob: float
+    random_k_logprob: float
+    top_k_positions: list[int]
+    random_k_positions: list[int]
+
+
+class Summary(BaseModel):
+    """Per-response aggregates. Saliency fields stay null until saliency is requested (spec §10)."""
 
     num_prompt_tokens: int
     num_response_tokens: int
@@ -58,6 +67,22 @@ class Summary(BaseModel):
     mean_waad: float | None
     tau_waad: float | None = Field(description="The WAAD threshold used for D (median by default).")
     tau_delta: float | None = Field(description="The Δ threshold used for D (median by default).")
+    saliency_method: str | None = None
+    saliency_target: list[int] | None = Field(
+        default=None, description="Positions whose log-prob is explained."
+    )
+    target_logprob: float | None = Field(default=None, description="Σ log p(target), unperturbed.")
+    reasoning_saliency_share: float | None = Field(
+        default=None, description="Σ|saliency| on reasoning tokens / Σ|saliency| on all scored tokens."
+    )
+    prompt_saliency_share: float | None = Field(
+        default=None, description="Σ|saliency| on prompt tokens / Σ|saliency| on all scored tokens."
+    )
+    spearman_fai_saliency: float | None = Field(
+        default=None, description="Spearman correlation of FAI and saliency over reasoning tokens."
+    )
+    counterfactual: Counterfactual | None = None
+    r_faith: float | None = Field(default=None, description="AtManRL's mean mask saliency (atman_rl only).")
 
 
 class Analysis(BaseModel):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from faithlens.analysis import unwrap
+from faithlens.model import unwrap
 
 
 @dataclass

@@ -100,3 +100,38 @@ def test_generate_on_the_embedded_model():
     assert 0 < len(data["tokens"]) <= 16
     assert data["layers"] == [10, 12, 15, 17, 20]
     assert len(data["heads"]["local"]) == len(data["heads"]["global"]) == int(0.3 * 45)
+
+
+def test_analyze_with_saliency(tiny_dir):
+    out = run_cli(
+        "analyze",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "Q: 2+2?",
+        "--completion",
+        " so #### 4",
+        "--saliency",
+        "atman",
+        "--granularity",
+        "word",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["summary"]["saliency_method"] == "atman"
+    assert data["summary"]["counterfactual"]["k"] >= 1
+    assert all(x is not None for x in data["prompt_saliency"])
+    table = run_cli(
+        "analyze",
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "Q",
+        "--completion",
+        " so #### 4",
+        "--saliency",
+        "atman_grad",
+    )
+    assert table.returncode == 0, table.stderr
+    assert "saliency=atman_grad" in table.stdout

@@ -1,0 +1,357 @@
+"""AtMan saliency (spec §7) and the AtManRL mask saliency (spec §8).
+
+Suppressing key position i adds log(f) to column i of the pre-softmax scores in every layer, head and
+query row. It goes through the ``faithlens_key_bias`` hook of :mod:`faithlens.attention`, an additive
+float mask, so it runs on SDPA. A suppression is one row of a ``(groups, N)`` bias matrix; exact AtMan
+runs those rows as a batch, reusing the KV cache of the prefix that no row touches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from faithlens.answer import char_span_to_tokens, find_answer_span
+from faithlens.model import LoadedModel, unwrap
+
+Method = Literal["atman", "atman_grad", "atman_rl"]
+Granularity = Literal["token", "word", "sentence"]
+Postprocess = Literal["none", "absolute", "square"]
+METHODS: tuple[str, ...] = ("atman", "atman_grad", "atman_rl")
+
+
+@dataclass
+class SaliencyParams:
+    """Options of the saliency methods; defaults are the spec's."""
+
+    method: Method = "atman"
+    factor: float = 0.1
+    conceptual_threshold: float | None = None
+    granularity: Granularity = "token"
+    postprocess: Postprocess = "none"
+    normalize: bool = False
+    target: Literal["answer", "response"] | list[int] = "answer"
+    prefix_reuse: bool = True
+    memory_budget_mb: int = 512
+    rl_steps: int = 200
+    seed: int = 0
+    counterfactual_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown saliency method {self.method!r}; expected one of {METHODS}")
+        if self.factor <= 0 or self.factor == 1:
+            raise ValueError("factor must be > 0 and ≠ 1 (< 1 suppresses, > 1 amplifies)")
+        if self.conceptual_threshold is not None and not -1 <= self.conceptual_threshold <= 1:
+            raise ValueError("conceptual_threshold is a cosine similarity in [-1, 1]")
+        if self.rl_steps < 1 or self.counterfactual_k < 1:
+            raise ValueError("rl_steps and counterfactual_k must be ≥ 1")
+
+
+@dataclass
+class Saliency:
+    """Per-position scores over the full sequence (NaN where a position was not scored)."""
+
+    method: Method
+    scores: torch.Tensor
+    target: list[int]
+    groups: list[list[int]]
+    base_logprob: float
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- targets and groups
+
+
+def resolve_target(
+    texts: list[str], prompt_len: int, target: Literal["answer", "response"] | list[int]
+) -> list[int]:
+    """Target positions: the answer span (default), else the whole response, else the client's indices."""
+    n = len(texts)
+    if isinstance(target, list):
+        bad = [t for t in target if not 1 <= t < n]
+        if bad or not target:
+            raise ValueError(f"target indices {bad or target} must lie in [1, {n - 1}]")
+        return sorted(set(target))
+    if target == "answer":
+        span = find_answer_span("".join(texts[prompt_len:]))
+        tokens = char_span_to_tokens(texts[prompt_len:], span) if span else None
+        if tokens is not None:
+            return list(range(prompt_len + tokens[0], prompt_len + tokens[1]))
+    return list(range(max(prompt_len, 1), n))
+
+
+_SENTENCE_END = re.compile(r"[.!?]\s*$|\n")
+
+
+def _starts_word(text: str) -> bool:
+    return not text or text[0].isspace() or not text[0].isalnum()
+
+
+def suppression_groups(texts: list[str], positions: list[int], granularity: Granularity) -> list[list[int]]:
+    """Positions suppressed together: single tokens, words (a token not starting with a space or a
+    punctuation mark continues the word) or sentences (ending after . ! ? or a newline)."""
+    if granularity == "token":
+        return [[p] for p in positions]
+    groups: list[list[int]] = []
+    previous = None
+    for p in positions:
+        if granularity == "word":
+            new = (
+                previous is None
+                or p != previous + 1
+                or _starts_word(texts[p])
+                or not texts[previous][-1:].isalnum()
+            )
+        else:
+            new = previous is None or p != previous + 1 or bool(_SENTENCE_END.search(texts[previous]))
+        if new:
+            groups.append([p])
+        else:
+            groups[-1].append(p)
+        previous = p
+    return groups
+
+
+def bias_rows(
+    lm: LoadedModel, input_ids: list[int], groups: list[list[int]], factor: float, conceptual: float | None
+) -> torch.Tensor:
+    """One additive key-bias row per group: log(f) on its positions and, with conceptual suppression,
+    log(1 − (1−f)·cos) on every key at least ``conceptual`` similar to one of them (spec §7)."""
+    n = len(input_ids)
+    rows = torch.zeros(len(groups), n)
+    log_f = math.log(factor)
+    if conceptual is not None:
+        emb = unwrap(lm.model).get_input_embeddings().weight[torch.tensor(input_ids)].detach().float().cpu()
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+        cos = emb @ emb.T
+    for g, group in enumerate(groups):
+        if conceptual is not None:
+            sims = cos[group].max(0).values
+            hit = sims >= conceptual
+            scaled = torch.log((1 - (1 - factor) * sims[hit]).clamp(min=1e-6))
+            rows[g, hit] = scaled
+        rows[g, group] = log_f
+    return rows
+
+
+# ---------------------------------------------------------------- batched target log-probs
+
+
+def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor) -> DynamicCache:
+    backbone = getattr(model, model.base_model_prefix)
+    out = backbone(input_ids=ids, use_cache=True)
+    return out.past_key_values
+
+
+def _slice_cache(cache: DynamicCache, length: int, batch: int) -> DynamicCache:
+    data = [
+        (k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
+        for k, v, *_ in cache
+    ]
+    return DynamicCache(ddp_cache_data=data)
+
+
+def _batch_size(model: torch.nn.Module, n: int, budget_bytes: int) -> int:
+    """Sequences per batch: a float mask and scores (N² each), the KV cache and activations per row."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+    per_seq = n * n * 4 * (2 + cfg.num_attention_heads) + n * (kv + 16 * cfg.hidden_size * 4)
+    return max(1, min(64, budget_bytes // per_seq))
+
+
+def _target_logprob(
+    model, hidden: torch.Tensor, ids: torch.Tensor, target: list[int], start: int
+) -> torch.Tensor:
+    """Σ log p(y) over the target, per batch row; ``hidden`` covers positions start.. ."""
+    rows = torch.tensor([t - 1 - start for t in target], device=hidden.device)
+    logits = model.get_output_embeddings()(hidden[:, rows]).float()
+    tokens = ids[0, target].to(hidden.device)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.expand(hidden.shape[0], -1)[..., None])
+    return logp[..., 0].sum(-1)
+
+
+@torch.inference_mode()
+def target_logprobs(
+    lm: LoadedModel,
+    input_ids: list[int],
+    target: list[int],
+    biases: torch.Tensor,
+    prefix_reuse: bool = True,
+    memory_budget_mb: int = 512,
+) -> tuple[torch.Tensor, float]:
+    """Σ log p(target) under each bias row, batched; and the unperturbed value.
+
+    A row leaves positions before its first non-zero column untouched, so each batch starts from the
+    cached prefix before the earliest such column (exact, spec §7)."""
+    model = unwrap(lm.model)
+    ids = torch.tensor([input_ids], device=lm.device)
+    n = ids.shape[1]
+    cache = _prefix_cache(model, ids) if prefix_reuse else None
+    backbone = getattr(model, model.base_model_prefix)
+    base_hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+    base = float(_target_logprob(model, base_hidden, ids, target, 0)[0])
+    nonzero = biases != 0
+    first = torch.where(nonzero.any(1), nonzero.float().argmax(1), torch.full((len(biases),), n)).tolist()
+    order = sorted(range(len(biases)), key=lambda g: first[g])
+    out = torch.empty(len(biases))
+    size = _batch_size(model, n, memory_budget_mb * 2**20)
+    for b0 in range(0, len(order), size):
+        batch = order[b0 : b0 + size]
+        start = min(min(first[g] for g in batch), min(target) - 1) if prefix_reuse else 0
+        past = _slice_cache(cache, start, len(batch)) if start > 0 else None
+        hidden = backbone(
+            input_ids=ids[:, start:].expand(len(batch), -1),
+            past_key_values=past,
+            use_cache=past is not None,
+            faithlens_key_bias=biases[batch].to(lm.device, lm.dtype),
+        ).last_hidden_state
+        out[batch] = _target_logprob(model, hidden, ids, target, start).cpu()
+    return out, base
+
+
+# ---------------------------------------------------------------- the three methods
+
+
+def _gradient(lm: LoadedModel, input_ids: list[int], target: list[int]) -> tuple[torch.Tensor, float]:
+    """∂(Σ log p(target))/∂b for a key bias b shared by all layers and heads: one forward, one backward."""
+    model = unwrap(lm.model)
+    ids = torch.tensor([input_ids], device=lm.device)
+    bias = torch.zeros(1, ids.shape[1], device=lm.device, dtype=lm.dtype, requires_grad=True)
+    with torch.enable_grad():
+        backbone = getattr(model, model.base_model_prefix)
+        hidden = backbone(input_ids=ids, use_cache=False, faithlens_key_bias=bias).last_hidden_state
+        total = _target_logprob(model, hidden, ids, target, 0)[0]
+        (grad,) = torch.autograd.grad(total, bias)
+    return grad[0].float().cpu(), float(total.detach())
+
+
+@dataclass
+class MaskSaliency:
+    """AtManRL's learned mask (spec §8): s_v ∈ [0, 1] per CoT position, and R_faith = mean s_v."""
+
+    positions: list[int]
+    scores: torch.Tensor
+    r_faith: float
+    nll_initial: float
+    nll_final: float
+    mask: torch.Tensor
+
+
+def atman_rl_saliency(
+    lm: LoadedModel,
+    input_ids: list[int],
+    cot: list[int],
+    answer: list[int],
+    steps: int = 200,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.6, 0.9999),
+    weight_decay: float = 0.05,
+    init: float = -0.4,
+    scale: float = 10.0,
+    seed: int = 0,
+) -> MaskSaliency:
+    """Learn one additive mask value m_v ≤ 0 per CoT key that minimises the answer's teacher-forced NLL.
+
+    s_v = 1 − m_v / init: how far token v had to be re-enabled to restore the answer, clamped to [0, 1].
+    Only the mask trains; the model's weights stay frozen. The prompt before the first CoT token is
+    never masked, so its KV cache is computed once and reused by every step.
+    """
+    if not cot or not answer:
+        raise ValueError("atman_rl needs at least one CoT token and one answer token")
+    model = unwrap(lm.model)
+    ids = torch.tensor([input_ids], device=lm.device)
+    start = min(cot)
+    backbone = getattr(model, model.base_model_prefix)
+    with torch.inference_mode():
+        prefix = backbone(input_ids=ids[:, :start], use_cache=True).past_key_values if start > 0 else None
+        prefix_kv = [(k.clone(), v.clone()) for k, v, *_ in prefix] if prefix is not None else None
+    cot_idx = torch.tensor(cot, device=lm.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mask = torch.full((len(cot),), init, device=lm.device, requires_grad=True)
+    optimiser = torch.optim.AdamW([mask], lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def nll() -> torch.Tensor:
+        bias = torch.zeros(1, ids.shape[1], device=lm.device, dtype=lm.dtype)
+        bias = bias.index_put((torch.zeros_like(cot_idx), cot_idx), (scale * mask).to(lm.dtype))
+        past = DynamicCache(ddp_cache_data=prefix_kv) if prefix_kv else None
+        hidden = backbone(
+            input_ids=ids[:, start:],
+            past_key_values=past,
+            use_cache=past is not None,
+            faithlens_key_bias=bias,
+        ).last_hidden_state
+        return -_target_logprob(model, hidden, ids, answer, start)[0] / len(answer)
+
+    with torch.enable_grad():
+        initial = float(nll().detach())
+        for _ in range(steps):
+            optimiser.zero_grad()
+            loss = nll()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                mask.clamp_(max=0.0)
+        with torch.no_grad():
+            final = float(nll())
+    values = mask.detach().float().cpu()
+    scores = (1 - values / init).clamp(0.0, 1.0)
+    return MaskSaliency(cot, scores, float(scores.mean()), initial, final, values)
+
+
+def _postprocess(scores: torch.Tensor, params: SaliencyParams) -> torch.Tensor:
+    if params.postprocess == "absolute":
+        scores = scores.abs()
+    elif params.postprocess == "square":
+        scores = scores.square()
+    if params.normalize:
+        present = scores[~torch.isnan(scores)]
+        if present.numel():
+            lo, hi = present.min(), present.max()
+            scores = (
+                (scores - lo) / (hi - lo)
+                if hi > lo
+                else torch.zeros_like(scores).masked_fill(scores.isnan(), math.nan)
+            )
+    return scores
+
+
+def compute_saliency(
+    lm: LoadedModel, input_ids: list[int], prompt_len: int, params: SaliencyParams | None = None
+) -> Saliency:
+    """Saliency of every position before the target (prompt and reasoning), by the chosen method."""
+    params = params or SaliencyParams()
+    texts = lm.token_texts(input_ids)
+    target = resolve_target(texts, prompt_len, params.target)
+    tset = set(target)
+    positions = [i for i in range(max(target)) if i not in tset]
+    n = len(input_ids)
+    scores = torch.full((n,), math.nan)
+    if params.method == "atman_rl":
+        cot = [i for i in positions if i >= prompt_len]
+        result = atman_rl_saliency(lm, input_ids, cot, target, steps=params.rl_steps, seed=params.seed)
+        scores[cot] = result.scores
+        extra = {"r_faith": result.r_faith, "nll_initial": result.nll_initial, "nll_final": result.nll_final}
+        return Saliency(
+            "atman_rl", _postprocess(scores, params), target, [[c] for c in cot], -result.nll_initial, extra
+        )
+    groups = suppression_groups(texts, positions, params.granularity)
+    rows = bias_rows(lm, input_ids, groups, params.factor, params.conceptual_threshold)
+    if params.method == "atman":
+        perturbed, base = target_logprobs(
+            lm, input_ids, target, rows, params.prefix_reuse, params.memory_budget_mb
+        )
+        per_group = base - perturbed
+    else:
+        grad, base = _gradient(lm, input_ids, target)
+        per_group = -(rows @ grad)
+    for group, value in zip(groups, per_group.tolist(), strict=True):
+        scores[group] = value
+    return Saliency(params.method, _postprocess(scores, params), target, groups, base)
