@@ -143,12 +143,6 @@ def bias_rows(
 # ---------------------------------------------------------------- batched target log-probs
 
 
-def _prefix_cache(model: torch.nn.Module, ids: torch.Tensor) -> DynamicCache:
-    backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=ids, use_cache=True)
-    return out.past_key_values
-
-
 def _slice_cache(cache: DynamicCache, length: int, batch: int) -> DynamicCache:
     data = [
         (k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
@@ -193,10 +187,10 @@ def target_logprobs(
     model = unwrap(lm.model)
     ids = torch.tensor([input_ids], device=lm.device)
     n = ids.shape[1]
-    cache = _prefix_cache(model, ids) if prefix_reuse else None
     backbone = getattr(model, model.base_model_prefix)
-    base_hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
-    base = float(_target_logprob(model, base_hidden, ids, target, 0)[0])
+    unperturbed = backbone(input_ids=ids, use_cache=prefix_reuse)  # one pass: base log-prob and prefix cache
+    cache = unperturbed.past_key_values if prefix_reuse else None
+    base = float(_target_logprob(model, unperturbed.last_hidden_state, ids, target, 0)[0])
     nonzero = biases != 0
     first = torch.where(nonzero.any(1), nonzero.float().argmax(1), torch.full((len(biases),), n)).tolist()
     order = sorted(range(len(biases)), key=lambda g: first[g])
