@@ -37,6 +37,40 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("REDIS_URL", "FAITHLENS_REDIS_URL")
     )
 
+    # -- serving (service/) ---------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Bind address of `python -m service`.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    served_model_name: str | None = Field(
+        default=None, description="The base model's name in the API; unset means the model's own name."
+    )
+    api_keys: str = Field(
+        default="",
+        description="Comma-separated `key:scope` pairs, scope `infer` or `admin` (admin implies infer). "
+        "Empty: no auth, and the server binds to loopback only.",
+    )
+    adapter_store: Path = Field(
+        default=Path.home() / ".cache" / "faithlens" / "adapters",
+        description="The only directory adapters load from (and jobs write to).",
+    )
+    adapter_channel: str = Field(default="faithlens:adapters", description="Redis channel for hot-load.")
+    max_batch_size: int = Field(default=8, ge=1, description="Sequences decoded together in one pass.")
+    max_queue: int = Field(default=64, ge=0, description="Requests waiting beyond the batch; then 503.")
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound a request may ask for.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body size limit.")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503 overloaded.")
+
+    def parsed_api_keys(self) -> dict[str, str]:
+        """``{key: scope}``; raises ValueError on a malformed entry so a typo fails at start-up."""
+        keys: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, _, scope = item.partition(":")
+            scope = scope or "infer"
+            if not key or scope not in {"infer", "admin"}:
+                raise ValueError(f"FAITHLENS_API_KEYS entry {item!r}: expected key:infer or key:admin")
+            keys[key] = scope
+        return keys
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

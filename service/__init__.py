@@ -1,0 +1,1 @@
+"""faithlens' HTTP API: annotated generation, OpenAI-compatible endpoints, adapters, jobs."""

@@ -1,0 +1,121 @@
+"""The FastAPI application: routers, error handlers, limits, metrics, and the start-up that loads the model
+in the background (``/healthz`` answers at once; ``/readyz`` turns 200 when the model is in)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from faithlens.model import LoadedModel, load_model
+from faithlens.settings import Settings, get_settings
+from service import hotload
+from service.adapters import AdapterRegistry
+from service.engine import Engine
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit
+from service.metrics import ServiceMetrics
+from service.routes import admin, native, openai, ops
+from service.state import ServerState
+
+log = logging.getLogger("faithlens.service")
+
+
+class RequestMetrics:
+    """Counts requests and observes latency per route template (not per raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def record_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+async def _start(app: FastAPI, settings: Settings, metrics: ServiceMetrics, lm: LoadedModel | None) -> None:
+    """Load the model off the event loop, start the engine, then follow the adapter channel."""
+    if lm is None:
+        lm = await asyncio.to_thread(
+            load_model, settings.model, settings.device, settings.dtype, settings.cache_dir
+        )
+    engine = Engine(lm, settings.max_batch_size, settings.max_queue, metrics, settings.retry_after_s)
+    settings.adapter_store.mkdir(parents=True, exist_ok=True)
+    registry = AdapterRegistry(lm, engine, settings.adapter_store, metrics)
+    engine.housekeeping = registry.collect
+    engine.start()
+    redis = None
+    if settings.redis_url:
+        import redis.asyncio as aioredis
+
+        redis = aioredis.from_url(settings.redis_url)
+    state = ServerState(settings, lm, engine, registry, metrics, settings.served_model_name or lm.name, redis)
+    app.state.faithlens = state
+    log.info(
+        "ready", extra={"model": state.model_name, "device": str(lm.device), "auth": bool(app.state.api_keys)}
+    )
+    if redis is not None:
+        subscribed = asyncio.Event()
+        app.state.tasks.append(
+            asyncio.create_task(hotload.follow(redis, settings.adapter_channel, registry, subscribed))
+        )
+        await subscribed.wait()
+
+
+def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = ServiceMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.tasks = []
+        starting = asyncio.create_task(_start(app, settings, metrics, lm))
+        starting.add_done_callback(_log_start_failure)
+        app.state.tasks.append(starting)
+        yield
+        for task in app.state.tasks:
+            task.cancel()
+        state = getattr(app.state, "faithlens", None)
+        if state is not None:
+            await asyncio.to_thread(state.engine.stop)
+            if state.redis is not None:
+                await state.redis.aclose()
+
+    app = FastAPI(
+        title="faithlens",
+        version="0.1.0",
+        summary="Generation annotated with which reasoning tokens matter (FAI, WAAD, anchors, AtMan).",
+        lifespan=lifespan,
+    )
+    app.state.api_keys = settings.parsed_api_keys()
+    app.state.faithlens = None
+    install_error_handlers(app)
+    for module in (native, openai, admin, ops):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _log_start_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("start-up failed; the server stays not ready", exc_info=task.exception())

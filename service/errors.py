@@ -1,0 +1,97 @@
+"""Every error leaves the server as ``{"error": {"code", "message", "param"}}``; codes are stable API.
+
+| status | code | when |
+|---|---|---|
+| 400 | invalid_request | the body fails validation (``param`` names the field) |
+| 400 | context_length_exceeded | prompt or max_new_tokens over the configured limits |
+| 400 | adapter_path_invalid | the path is outside the adapter store |
+| 400 | adapter_invalid | not a safetensors LoRA adapter, or it does not fit the base model |
+| 400 | unsupported | a valid OpenAI option we do not implement (e.g. n > 1) |
+| 401 | invalid_api_key | missing or unknown API key |
+| 403 | insufficient_scope | the key lacks the `admin` scope |
+| 404 | model_not_found | unknown model or adapter name |
+| 404 | not_found | unknown route or object |
+| 405 | method_not_allowed | wrong HTTP method |
+| 413 | body_too_large | request body over FAITHLENS_MAX_BODY_BYTES |
+| 503 | overloaded | the queue is full; see Retry-After |
+| 503 | not_ready | the model is still loading or shutting down |
+| 500 | internal_error | a bug; the message never carries a traceback |
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("faithlens.service")
+
+
+class APIError(Exception):
+    """An error with a stable code, raised anywhere in the service and rendered by the handler."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "param": self.param}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def overloaded(retry_after: int) -> APIError:
+    return APIError(
+        503, "overloaded", "the server is at capacity; retry later", headers={"Retry-After": str(retry_after)}
+    )
+
+
+def model_not_found(name: str, param: str = "model") -> APIError:
+    return APIError(404, "model_not_found", f"no model or adapter named {name!r} is loaded", param)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 401: "invalid_api_key"}
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    message = first.get("msg", "invalid request")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    return APIError(400, "invalid_request", message, ".".join(loc) or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(
+            exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error"
+        )
+        return APIError(exc.status_code, code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return APIError(500, "internal_error", "internal server error").response()

@@ -1,0 +1,65 @@
+"""Models and adapters: listing (``infer``) and loading/unloading (``admin``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service.adapters import AdapterVersion
+from service.auth import require
+from service.routes.native import ERRORS
+from service.schemas import AdapterInfo, AdapterList, LoadAdapterRequest, UnloadAdapterRequest
+from service.state import get_state
+
+router = APIRouter(prefix="/v1", tags=["models"], responses=ERRORS)
+
+
+def _info(version: AdapterVersion) -> AdapterInfo:
+    return AdapterInfo(
+        name=version.name, path=str(version.path), version=version.version, loaded_at=version.loaded_at
+    )
+
+
+@router.get("/models", dependencies=[Depends(require("infer"))])
+async def list_models(request: Request) -> dict:
+    """The base model and every loaded adapter, each adapter with ``parent`` and ``root`` as in vLLM."""
+    state = get_state(request)
+    base = {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "faithlens",
+        "root": str(state.lm.source.directory / (state.lm.source.gguf_file or "")),
+        "parent": None,
+        "max_model_len": state.max_model_len,
+    }
+    adapters = [
+        {
+            "id": v.name,
+            "object": "model",
+            "created": v.loaded_at,
+            "owned_by": "faithlens",
+            "root": str(v.path),
+            "parent": state.model_name,
+            "version": v.version,
+            "max_model_len": state.max_model_len,
+        }
+        for v in state.adapters.list()
+    ]
+    return {"object": "list", "data": [base, *adapters]}
+
+
+@router.get("/adapters", response_model=AdapterList, dependencies=[Depends(require("infer"))])
+async def list_adapters(request: Request) -> AdapterList:
+    return AdapterList(data=[_info(v) for v in get_state(request).adapters.list()])
+
+
+@router.post("/adapters/load", response_model=AdapterInfo, dependencies=[Depends(require("admin"))])
+async def load_adapter(body: LoadAdapterRequest, request: Request) -> AdapterInfo:
+    """Load (or replace) an adapter from the adapter store; a replaced version serves its in-flight
+    requests to the end."""
+    return _info(await get_state(request).adapters.load(body.name, body.path))
+
+
+@router.post("/adapters/unload", response_model=AdapterInfo, dependencies=[Depends(require("admin"))])
+async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> AdapterInfo:
+    return _info(await get_state(request).adapters.unload(body.name))
