@@ -339,6 +339,7 @@ class Engine:
             job.on_release()
             job.on_release = None
         if cancelled:
+            self.metrics.cancelled.inc()
             job.error = APIError(499, "cancelled", "the client went away")
         job._emit(Event("error") if job.error is not None else Event("done"))
 

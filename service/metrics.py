@@ -40,6 +40,9 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cancelled = Counter(
+            "faithlens_cancelled", "Requests dropped because the client went away.", registry=r
+        )
         self.rejected = Counter("faithlens_rejected", "Requests refused with 503 overloaded.", registry=r)
         self.adapter_loads = Counter(
             "faithlens_adapter_loads",
