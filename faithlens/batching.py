@@ -48,7 +48,7 @@ class SequenceState:
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """A private RNG per request, so a seeded request samples the same tokens whatever it shares a batch
     with."""
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return None
     gen = torch.Generator(device=device)
     if params.seed is None:
@@ -58,14 +58,20 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (as in vLLM); dividing by them overflows
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else temperature + nucleus sampling with the request's own RNG."""
-    if params.temperature == 0:
+    """Greedy at temperature ~0, else temperature + nucleus sampling with the request's own RNG."""
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if not torch.isfinite(probs).all():
+        return int(logits.argmax())
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p
+        keep[0] = True  # the nucleus always holds the top token, however small top_p is
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -114,6 +114,14 @@ def new_job(
     adapter_param: str = "adapter",
 ) -> Job:
     """Lease the adapter and queue the job; the lease is released when the engine closes the job."""
+    rl = analysis.saliency if analysis is not None and analysis.saliency is not None else None
+    if rl is not None and rl.method == "atman_rl" and rl.rl_steps > state.settings.max_rl_steps:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"rl_steps is limited to {state.settings.max_rl_steps}",
+            "analysis.saliency.rl_steps",
+        )
     internal, release = (None, None)
     if adapter is not None:
         internal, release = state.adapters.acquire(adapter, adapter_param)
