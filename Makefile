@@ -15,10 +15,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The server (and, once installed, the job worker) on the embedded defaults; a private Redis when
+# REDIS_URL is unset. Ctrl-C stops everything.
 run: setup
-	$(PY) -m faithlens demo
+	$(PY) -m service.launcher
 
-demo: run
+demo: setup
+	$(PY) -m faithlens demo
 
 lint: setup
 	$(PY) -m ruff check .
@@ -32,6 +35,7 @@ bench-smoke: setup
 	$(PY) bench/annotate.py --smoke
 	$(PY) bench/memory.py --smoke
 	$(PY) bench/atman.py --smoke
+	$(PY) bench/serve.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
