@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body size limit.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503 overloaded.")
 
+    # -- jobs (training/, workers/) ---------------------------------------------------------------------------
+    job_visibility_timeout_s: int = Field(
+        default=6 * 3600,
+        ge=1,
+        description="Seconds before an unacknowledged job is redelivered; must exceed the longest job.",
+    )
+    job_lease_ttl_s: int = Field(
+        default=60,
+        ge=2,
+        description="A running job's heartbeat lease; a dead worker's lease expires after it.",
+    )
+    job_queue: str = Field(default="faithlens-jobs", description="The Celery queue jobs are sent to.")
+    worker_concurrency: int = Field(default=1, ge=1, description="Jobs one worker runs at once.")
+    max_upload_rows: int = Field(default=20000, ge=1, description="Rows an uploaded training set may hold.")
+
     def parsed_api_keys(self) -> dict[str, str]:
         """``{key: scope}``; raises ValueError on a malformed entry so a typo fails at start-up."""
         keys: dict[str, str] = {}

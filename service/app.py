@@ -20,8 +20,9 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
-from service.routes import admin, native, openai, ops
+from service.routes import admin, jobs, native, openai, ops
 from service.state import ServerState
+from training.jobs import JobStore
 
 log = logging.getLogger("faithlens.service")
 
@@ -63,12 +64,25 @@ async def _start(app: FastAPI, settings: Settings, metrics: ServiceMetrics, lm: 
     registry = AdapterRegistry(lm, engine, settings.adapter_store, metrics)
     engine.housekeeping = registry.collect
     engine.start()
-    redis = None
+    redis, job_store, celery = None, None, None
     if settings.redis_url:
         import redis.asyncio as aioredis
+        from celery import Celery
 
         redis = aioredis.from_url(settings.redis_url)
-    state = ServerState(settings, lm, engine, registry, metrics, settings.served_model_name or lm.name, redis)
+        job_store = JobStore(settings.redis_url)
+        celery = Celery("faithlens-api", broker=settings.redis_url)
+    state = ServerState(
+        settings,
+        lm,
+        engine,
+        registry,
+        metrics,
+        settings.served_model_name or lm.name,
+        redis,
+        job_store,
+        celery,
+    )
     app.state.faithlens = state
     log.info(
         "ready", extra={"model": state.model_name, "device": str(lm.device), "auth": bool(app.state.api_keys)}
@@ -109,7 +123,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
     app.state.api_keys = settings.parsed_api_keys()
     app.state.faithlens = None
     install_error_handlers(app)
-    for module in (native, openai, admin, ops):
+    for module in (native, openai, admin, jobs, ops):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)

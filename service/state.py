@@ -18,6 +18,7 @@ from service.engine import AnalysisRequest, Engine, Job
 from service.errors import APIError
 from service.metrics import ServiceMetrics
 from service.schemas import AnalysisOptions
+from training.jobs import JobStore
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ServerState:
     metrics: ServiceMetrics
     model_name: str
     redis: object | None = None  # redis.asyncio.Redis when REDIS_URL is set
+    jobs: JobStore | None = None  # the job store, when REDIS_URL is set
+    celery: object | None = None  # a Celery client that only sends jobs by task name
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

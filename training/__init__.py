@@ -1,0 +1,1 @@
+"""Fine-tuning: GRPO with attention-based credit assignment, and AtManRL (imports faithlens)."""

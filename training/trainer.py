@@ -1,0 +1,338 @@
+"""The GRPO / AtManRL trainer loop on a LoRA adapter (peft).
+
+One step: take ``prompts_per_step`` problems (a seeded order), sample G completions each from the current
+policy (continuous batching, a seeded RNG per completion), score rewards, form group advantages, shape them
+per token with γ (spec §6) from a no-grad scoring pass on the current policy, then take one optimiser step
+on the clipped surrogate. Everything random derives from (seed, step), so a run resumed from a checkpoint
+continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from faithlens.analysis import AnalysisParams, compute_metrics
+from faithlens.answer import char_span_to_tokens, find_answer_span
+from faithlens.atman import atman_rl_saliency
+from faithlens.batching import DecodeBatch, SequenceState
+from faithlens.data import Problem
+from faithlens.generation import SamplingParams
+from faithlens.model import LoadedModel
+from training import rewards as reward_lib
+from training.config import TrainConfig
+from training.credit import gamma, shape_advantages
+from training.loss import Normaliser, clipped_surrogate
+
+log = logging.getLogger("faithlens.training")
+ADAPTER = "default"
+
+
+class Cancelled(Exception):
+    """Raised between steps when the job was cancelled."""
+
+
+@dataclass
+class Hooks:
+    on_metrics: Callable[[int, dict], None] = lambda step, metrics: None
+    should_cancel: Callable[[], bool] = lambda: False
+    on_checkpoint: Callable[[int, Path, dict], None] = lambda step, path, metrics: None
+
+
+@dataclass
+class Rollout:
+    problem: Problem
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    reward: float = 0.0
+    correct: bool = False
+    r_faith: float | None = None
+    advantage: float = 0.0
+    gammas: torch.Tensor = field(default_factory=lambda: torch.ones(0))
+    flagged: int = 0
+
+
+def attach_lora(lm: LoadedModel, config: TrainConfig) -> None:
+    """Wrap the model in a fresh, seeded LoRA adapter (trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        lm.model = get_peft_model(
+            lm.model,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+            adapter_name=ADAPTER,
+        )
+
+
+class Trainer:
+    def __init__(
+        self, lm: LoadedModel, config: TrainConfig, problems: list[Problem], hooks: Hooks | None = None
+    ):
+        if not problems:
+            raise ValueError("no training problems")
+        self.lm, self.config, self.problems = lm, config, problems
+        self.hooks = hooks or Hooks()
+        attach_lora(lm, config)
+        self.params = [p for p in lm.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.reward_fns = [reward_lib.build(spec) for spec in config.rewards]
+        self.reward_weights = config.reward_weights or [1.0] * len(self.reward_fns)
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(config.seed))
+        self.order = order.tolist()
+        self.step = 0  # steps completed
+        self._prompt_cache: dict[int, list[int]] = {}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def train(self, checkpoint_dir: Path | None = None) -> dict:
+        metrics: dict = {}
+        while self.step < self.config.max_steps:
+            if self.hooks.should_cancel():
+                raise Cancelled()
+            metrics = self.train_step()
+            self.hooks.on_metrics(self.step, metrics)
+            last = self.step == self.config.max_steps
+            if checkpoint_dir is not None and (self.step % self.config.checkpoint_every == 0 and not last):
+                path = checkpoint_dir / f"step-{self.step:06d}"
+                self.save_checkpoint(path, metrics)
+                self.hooks.on_checkpoint(self.step, path, metrics)
+        return metrics
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        config = self.config
+        micro_batches = [self._rollouts(micro) for micro in range(config.gradient_accumulation_steps)]
+        rollouts = [r for batch in micro_batches for r in batch]
+        normaliser = Normaliser(
+            config.loss_type,
+            len(rollouts),
+            sum(len(r.completion_ids) for r in rollouts),
+            config.max_new_tokens,
+        )
+        loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
+        for _ in range(config.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for batch in micro_batches:
+                loss, stats = self._loss(batch, normaliser)
+                if loss is not None:
+                    loss.backward()
+                    loss_total += float(loss)
+                    kl_sum += stats["kl_sum"]
+                    clipped += stats["clip_fraction"]
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+        self.step += 1
+        tokens = max(normaliser.tokens, 1)
+        all_gammas = torch.cat([r.gammas for r in rollouts]) if rollouts else torch.ones(0)
+        rewards = torch.tensor([r.reward for r in rollouts])
+        metrics = {
+            "step": self.step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "accuracy": sum(r.correct for r in rollouts) / len(rollouts),
+            "loss": loss_total / config.num_iterations,
+            "kl": kl_sum / tokens / config.num_iterations,
+            "clip_fraction": clipped / tokens / config.num_iterations,
+            "gamma_mean": float(all_gammas.mean()) if all_gammas.numel() else 1.0,
+            "flagged_share": sum(r.flagged for r in rollouts) / tokens,
+            "completion_length": normaliser.tokens / len(rollouts),
+            "step_seconds": time.perf_counter() - started,
+        }
+        if config.method == "atmanrl":
+            faith = [r.r_faith for r in rollouts if r.r_faith is not None]
+            metrics["r_faith_mean"] = sum(faith) / len(faith) if faith else 0.0
+        return metrics
+
+    # -- rollouts --------------------------------------------------------------------------------------------
+    def _problems_for(self, micro: int) -> list[Problem]:
+        per = self.config.prompts_per_step
+        start = (self.step * self.config.gradient_accumulation_steps + micro) * per
+        return [self.problems[self.order[(start + i) % len(self.order)]] for i in range(per)]
+
+    def _prompt_ids(self, problem: Problem) -> list[int]:
+        key = id(problem)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = self.lm.prompt_ids(problem.question, chat=self.config.chat)
+        return self._prompt_cache[key]
+
+    @torch.no_grad()
+    def _sample(self, problems: list[Problem], micro: int) -> list[Rollout]:
+        """G completions per problem from the current policy, each with its own seeded RNG."""
+        config = self.config
+        self.lm.model.eval()
+        batch = DecodeBatch(self.lm)
+        seqs: list[tuple[Problem, SequenceState]] = []
+        for p_index, problem in enumerate(problems):
+            prompt = self._prompt_ids(problem)
+            for g in range(config.num_generations):
+                seed = hash((config.seed, self.step, micro, p_index, g)) & 0x7FFFFFFF
+                params = SamplingParams(
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    seed=seed,
+                )
+                seq = SequenceState(prompt, params, adapter=ADAPTER)
+                seqs.append((problem, seq))
+                batch.add(seq)
+        while len(batch):
+            batch.step()
+        return [Rollout(problem, seq.prompt_ids, seq.token_ids, seq.text) for problem, seq in seqs]
+
+    def _rollouts(self, micro: int) -> list[Rollout]:
+        config = self.config
+        rollouts = self._sample(self._problems_for(micro), micro)
+        for r in rollouts:
+            sample = reward_lib.Sample(r.prompt_ids, r.completion_ids, r.text, r.problem.answer)
+            r.correct = reward_lib.correctness(sample) == 1.0
+            r.reward = sum(w * fn(sample) for w, fn in zip(self.reward_weights, self.reward_fns, strict=True))
+            if config.method == "atmanrl":
+                r.r_faith = self._r_faith(r)
+                r.reward = reward_lib.outcome_atmanrl(sample) + config.faith_lambda * r.r_faith
+        g = config.num_generations
+        for start in range(0, len(rollouts), g):
+            group = rollouts[start : start + g]
+            rewards = torch.tensor([r.reward for r in group])
+            centred = rewards - rewards.mean()
+            if config.scale_rewards:
+                centred = centred / (rewards.std() + 1e-4)
+            for r, a in zip(group, centred.tolist(), strict=True):
+                r.advantage = a
+        for r in rollouts:
+            r.gammas, r.flagged = self._gammas(r)
+        return rollouts
+
+    def _gammas(self, r: Rollout) -> tuple[torch.Tensor, int]:
+        n = len(r.completion_ids)
+        if self.config.credit == "none" or n == 0:
+            return torch.ones(n), 0
+        params = AnalysisParams(q=self.config.q)
+        metrics = compute_metrics(
+            self.lm, r.prompt_ids + r.completion_ids, len(r.prompt_ids), params, with_logprobs=False
+        )
+        flags = metrics.flags
+        g = gamma(flags, n, self.config.credit, self.config.gamma_amp, self.config.alpha)
+        return g, int((g != 1).sum())
+
+    def _r_faith(self, r: Rollout) -> float:
+        """R_faith = mean_v s_v over the CoT (spec §8); 0 when there is no answer span or no CoT."""
+        span = find_answer_span(r.text)
+        if span is None or not r.completion_ids:
+            return 0.0
+        tokens = char_span_to_tokens(self.lm.token_texts(r.completion_ids), span)
+        if tokens is None or tokens[0] == 0:
+            return 0.0
+        offset = len(r.prompt_ids)
+        cot = list(range(offset, offset + tokens[0]))
+        answer = list(range(offset + tokens[0], offset + tokens[1]))
+        ids = r.prompt_ids + r.completion_ids
+        result = atman_rl_saliency(
+            self.lm, ids, cot, answer, steps=self.config.mask_steps, seed=self.config.seed
+        )
+        return float(result.r_faith)
+
+    # -- the objective -----------------------------------------------------------------------------------------
+    def _token_logprobs(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π(completion token) for a right-padded batch: (B, T) log-probs and mask."""
+        device = self.lm.device
+        lengths = [len(r.completion_ids) for r in rollouts]
+        width = max(len(r.prompt_ids) + n for r, n in zip(rollouts, lengths, strict=True))
+        pad = self.lm.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rollouts), width), pad, device=device)
+        attention = torch.zeros_like(ids)
+        for i, r in enumerate(rollouts):
+            seq = r.prompt_ids + r.completion_ids
+            ids[i, : len(seq)] = torch.tensor(seq, device=device)
+            attention[i, : len(seq)] = 1
+        logits = self.lm.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+        t_max = max(lengths)
+        logp = torch.zeros(len(rollouts), t_max, device=device)
+        mask = torch.zeros(len(rollouts), t_max, device=device)
+        for i, r in enumerate(rollouts):
+            n, p = lengths[i], len(r.prompt_ids)
+            if n == 0:
+                continue
+            rows = torch.log_softmax(logits[i, p - 1 : p - 1 + n], dim=-1)
+            logp[i, :n] = rows.gather(-1, torch.tensor(r.completion_ids, device=device)[:, None])[:, 0]
+            mask[i, :n] = 1
+        return logp, mask
+
+    def _loss(self, rollouts: list[Rollout], normaliser: Normaliser) -> tuple[torch.Tensor | None, dict]:
+        if not any(r.completion_ids for r in rollouts):
+            return None, {"kl_sum": 0.0, "clip_fraction": 0.0}
+        config = self.config
+        self.lm.model.train()
+        logp, mask = self._token_logprobs(rollouts)
+        advantages = torch.zeros_like(logp)
+        for i, r in enumerate(rollouts):
+            n = len(r.completion_ids)
+            if n:
+                advantages[i, :n] = shape_advantages(r.advantage, r.gammas, config.credit_sign).to(
+                    logp.device
+                )
+        ref = None
+        if config.beta:
+            with torch.no_grad(), self.lm.model.disable_adapter():
+                ref, _ = self._token_logprobs(rollouts)
+        old = logp.detach()  # μ = 1: the sampling policy is the current one
+        return clipped_surrogate(
+            logp,
+            old,
+            advantages.detach(),
+            mask,
+            normaliser,
+            config.epsilon,
+            config.epsilon_high,
+            config.beta,
+            ref,
+        )
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def save_adapter(self, path: Path) -> None:
+        self.lm.model.save_pretrained(path, selected_adapters=[ADAPTER], safe_serialization=True)
+        _flatten_adapter_dir(path)
+
+    def save_checkpoint(self, path: Path, metrics: dict) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.save_adapter(path / "adapter")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, path / "trainer_state.pt")
+        (path / "metrics.json").write_text(json.dumps(metrics))
+
+    def load_checkpoint(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(path / "adapter" / "adapter_model.safetensors", device=str(self.lm.device))
+        set_peft_model_state_dict(self.lm.model, weights, adapter_name=ADAPTER)
+        state = torch.load(path / "trainer_state.pt", map_location=self.lm.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+
+def _flatten_adapter_dir(path: Path) -> None:
+    """peft writes a non-default adapter into a subfolder; keep ``path`` itself loadable."""
+    nested = path / ADAPTER
+    if nested.is_dir():
+        for item in nested.iterdir():
+            item.replace(path / item.name)
+        nested.rmdir()
+
+
+def is_finite(metrics: dict) -> bool:
+    return all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())

@@ -1,0 +1,1 @@
+"""Celery workers that run queued fine-tuning jobs (imports training, faithlens)."""

@@ -1,0 +1,36 @@
+"""``python -m workers``: a Celery worker for fine-tuning jobs (equivalently:
+``celery -A workers.app worker -Q faithlens-jobs --pool prefork --concurrency 1``; the queue is
+FAITHLENS_JOB_QUEUE)."""
+
+from __future__ import annotations
+
+import sys
+
+from faithlens.logs import configure_logging
+from faithlens.settings import get_settings
+from workers.app import app
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    args = [
+        "worker",
+        "-Q",
+        settings.job_queue,
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(settings.worker_concurrency),
+        "--loglevel",
+        settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        *(argv if argv is not None else sys.argv[1:]),
+    ]
+    app.worker_main(args)
+
+
+if __name__ == "__main__":
+    main()

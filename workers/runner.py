@@ -1,0 +1,190 @@
+"""Run one fine-tuning job: lease it, load data and model, train (resuming from the latest checkpoint),
+write the adapter version with its manifest, and announce it for hot-load. Knows nothing of Celery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from faithlens.answer import reference_answer
+from faithlens.data import Problem, load_gsm8k
+from faithlens.model import load_model
+from faithlens.settings import Settings, get_settings
+from training.config import TrainConfig
+from training.jobs import TERMINAL, Checkpoint, Job, JobError, JobStore
+from training.trainer import Cancelled, Hooks, Trainer
+
+log = logging.getLogger("faithlens.worker")
+
+
+class LeaseBusy(Exception):
+    def __init__(self, retry_in: int) -> None:
+        super().__init__(f"job leased by another worker; retry in {retry_in}s")
+        self.retry_in = retry_in
+
+
+class JobFailure(Exception):
+    """A failure with a stable code that the job's ``error`` reports."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def load_problems(job: Job, store: JobStore, settings: Settings) -> list[Problem]:
+    if job.training_data == "gsm8k-train":
+        return load_gsm8k("train", data_dir=settings.data_dir)
+    rows = store.rows(job.id)
+    if not rows:
+        raise JobFailure("invalid_training_data", "the uploaded training data is missing or empty")
+    problems = []
+    for i, row in enumerate(rows, start=1):
+        if reference_answer(row["answer"]) is None:
+            raise JobFailure(
+                "invalid_training_data",
+                f"row {i}: answer has no '#### <number>' reference the reward can check",
+            )
+        problems.append(Problem(row["question"], row["answer"]))
+    return problems
+
+
+class Heartbeat:
+    """Renews the job's lease in the background while the (blocking) training loop runs."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, ttl_s: int) -> None:
+        self.store, self.job_id, self.owner, self.ttl_s = store, job_id, owner, ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.store.renew_lease(self.job_id, self.owner, self.ttl_s)
+            except redis.RedisError:
+                log.warning("lease renewal failed", extra={"job": self.job_id})
+
+
+def run_job(job_id: str, worker_id: str, settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    store = JobStore(settings.redis_url or "redis://127.0.0.1:6379/0")
+    job = store.get(job_id)
+    if job is None:
+        log.warning("unknown job", extra={"job": job_id})
+        return "missing"
+    if job.status in TERMINAL:
+        return job.status  # a redelivered copy of a finished job
+    if not store.take_lease(job_id, worker_id, settings.job_lease_ttl_s):
+        raise LeaseBusy(settings.job_lease_ttl_s)
+    try:
+        with Heartbeat(store, job_id, worker_id, settings.job_lease_ttl_s):
+            return _run_leased(store, job, settings)
+    finally:
+        store.release_lease(job_id, worker_id)
+
+
+def _run_leased(store: JobStore, job: Job, settings: Settings) -> str:
+    if store.cancel_requested(job.id):
+        return _finish(store, job.id, "cancelled", "cancelled before it started")
+    job = store.update(
+        job.id, status="running", started_at=job.started_at or int(time.time()), attempts=job.attempts + 1
+    )
+    store.event(job.id, f"attempt {job.attempts} started")
+    try:
+        _train(store, job, settings)
+    except Cancelled:
+        return _finish(store, job.id, "cancelled", "cancelled between steps")
+    except JobFailure as failure:
+        return _finish(
+            store, job.id, "failed", failure.message, JobError(code=failure.code, message=failure.message)
+        )
+    except Exception as exc:  # the job says why; the worker lives on
+        log.exception("job crashed", extra={"job": job.id})
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        return _finish(store, job.id, "failed", message, JobError(code="training_error", message=message))
+    return "succeeded"
+
+
+def _finish(store: JobStore, job_id: str, status: str, message: str, error: JobError | None = None) -> str:
+    store.update(job_id, status=status, finished_at=int(time.time()), error=error)
+    store.event(job_id, message, level="error" if status == "failed" else "info")
+    return status
+
+
+def _train(store: JobStore, job: Job, settings: Settings) -> None:
+    try:
+        config = TrainConfig(**job.hyperparameters)
+    except (TypeError, ValueError) as exc:
+        raise JobFailure("invalid_hyperparameters", str(exc)) from exc
+    problems = load_problems(job, store, settings)
+    lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
+    adapter_root = settings.adapter_store / job.adapter_name
+    checkpoint_dir = adapter_root / "checkpoints" / job.id
+
+    def on_metrics(step: int, metrics: dict) -> None:
+        store.update(job.id, step=step)
+        store.event(job.id, f"step {step}/{config.max_steps}", type="metrics", data=metrics)
+
+    def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
+        store.add_checkpoint(
+            job.id, Checkpoint(step_number=step, path=str(path), metrics=metrics, created_at=int(time.time()))
+        )
+        store.event(job.id, f"checkpoint at step {step}")
+
+    trainer = Trainer(
+        lm, config, problems, Hooks(on_metrics, lambda: store.cancel_requested(job.id), on_checkpoint)
+    )
+    checkpoints = store.checkpoints(job.id)
+    if checkpoints:
+        trainer.load_checkpoint(Path(checkpoints[-1].path))
+        store.event(job.id, f"resumed from the checkpoint at step {trainer.step}")
+    final = trainer.train(checkpoint_dir)
+    _publish(store, job, settings, trainer, final, adapter_root)
+
+
+def _publish(
+    store: JobStore, job: Job, settings: Settings, trainer: Trainer, metrics: dict, root: Path
+) -> None:
+    """Write ``<store>/<name>/<version>/`` (adapter + manifest), mark the job done, announce it."""
+    job = store.get(job.id) or job
+    version = job.result_version
+    if version is None:  # taken once: a retried job rewrites the same version, never a second one
+        version = store.next_adapter_version(job.adapter_name)
+        while (root / str(version)).exists():
+            version = store.next_adapter_version(job.adapter_name)
+        job = store.update(job.id, result_version=version)
+    target = root / str(version)
+    staging = root / f".{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_adapter(staging)
+    manifest = {
+        "job_id": job.id,
+        "base_model": job.model,
+        "method": job.method["type"],
+        "hyperparameters": job.hyperparameters,
+        "final_metrics": metrics,
+        "version": version,
+        "adapter_name": job.adapter_name,
+        "created_at": int(time.time()),
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)
+    name = f"{job.adapter_name}/{version}"
+    store.update(job.id, status="succeeded", finished_at=int(time.time()), result_adapter=name, error=None)
+    store.event(job.id, f"succeeded: adapter {name}", data={"final_metrics": metrics})
+    announcement = json.dumps({"name": job.adapter_name, "path": str(target), "version": version})
+    store.redis.publish(settings.adapter_channel, announcement)
