@@ -132,7 +132,7 @@ class Trainer:
                 loss, stats = self._loss(batch, normaliser)
                 if loss is not None:
                     loss.backward()
-                    loss_total += float(loss)
+                    loss_total += float(loss.detach())
                     kl_sum += stats["kl_sum"]
                     clipped += stats["clip_fraction"]
             torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
