@@ -20,17 +20,31 @@ import pytest
 from faithlens.tiny import save_tiny
 from tests.servers import REPO, Server, start_server
 
-TINY_JOB = {"num_generations": 2, "prompts_per_step": 1, "max_new_tokens": 4, "max_steps": 3,
-            "learning_rate": 1e-3, "checkpoint_every": 1, "lora_r": 2}
-ROWS = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 9)]
+TINY_JOB = {
+    "num_generations": 2,
+    "prompts_per_step": 1,
+    "max_new_tokens": 4,
+    "max_steps": 3,
+    "learning_rate": 1e-3,
+    "checkpoint_every": 1,
+    "lora_r": 2,
+}
+ROWS = [
+    {"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 9)
+]
 
 
 class Worker:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers", "--hostname", f"w{uuid.uuid4().hex[:6]}@%h"],
-                                     cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--hostname", f"w{uuid.uuid4().hex[:6]}@%h"],
+            cwd=REPO,
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children): nothing gets to clean up."""
@@ -52,8 +66,13 @@ def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("jobs")
     tiny = save_tiny(work / "tiny-llama")
     queue = f"faithlens-jobs-test-{uuid.uuid4().hex[:8]}"
-    server = start_server(work, tiny, FAITHLENS_JOB_QUEUE=queue, FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
-                          FAITHLENS_JOB_LEASE_TTL_S="4")
+    server = start_server(
+        work,
+        tiny,
+        FAITHLENS_JOB_QUEUE=queue,
+        FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
+        FAITHLENS_JOB_LEASE_TTL_S="4",
+    )
     worker_env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}
     worker = Worker(worker_env, work / "worker.log")
     yield server, worker_env, worker, work
@@ -62,8 +81,13 @@ def stack(tmp_path_factory):
 
 
 def create(server: Server, c: httpx.Client, **overrides) -> dict:
-    body = {"method": {"type": "grpo", **TINY_JOB}, "training_data": ROWS, "adapter_name": "tiny-grpo",
-            "seed": 3, **overrides}
+    body = {
+        "method": {"type": "grpo", **TINY_JOB},
+        "training_data": ROWS,
+        "adapter_name": "tiny-grpo",
+        "seed": 3,
+        **overrides,
+    }
     r = c.post("/v1/jobs", json=body)
     assert r.status_code == 200, r.text
     return r.json()
@@ -90,8 +114,17 @@ def test_job_runs_publishes_and_is_served(stack):
         events = c.get(f"/v1/jobs/{job['id']}/events").json()["data"]
         metrics = [e["data"] for e in events if e["type"] == "metrics"]
         assert [m["step"] for m in metrics] == [1, 2, 3]
-        for key in ("reward_mean", "reward_std", "accuracy", "loss", "kl", "gamma_mean", "flagged_share",
-                    "completion_length", "step_seconds"):
+        for key in (
+            "reward_mean",
+            "reward_std",
+            "accuracy",
+            "loss",
+            "kl",
+            "gamma_mean",
+            "flagged_share",
+            "completion_length",
+            "step_seconds",
+        ):
             assert key in metrics[0]
         checkpoints = c.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
         assert [cp["step_number"] for cp in checkpoints] == [1, 2]
@@ -104,8 +137,14 @@ def test_job_runs_publishes_and_is_served(stack):
         while "tiny-grpo" not in {m["id"] for m in c.get("/v1/models").json()["data"]}:
             assert time.monotonic() < deadline, "the adapter was not hot-loaded"
             time.sleep(0.1)
-        r = c.post("/v1/chat/completions", json={"model": "tiny-grpo", "max_tokens": 4,
-                                                 "messages": [{"role": "user", "content": "What is 2 + 2?"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny-grpo",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+            },
+        )
         assert r.status_code == 200 and r.json()["model"] == "tiny-grpo"
         listed = c.get("/v1/jobs", params={"limit": 100}).json()["data"]
         assert job["id"] in [j["id"] for j in listed]
@@ -149,21 +188,39 @@ def test_bad_data_fails_with_a_clear_error(stack):
         assert done["error"]["code"] == "invalid_training_data"
         assert "row 1" in done["error"]["message"] and "####" in done["error"]["message"]
         # structurally bad uploads never reach a worker
-        r = c.post("/v1/jobs", json={"method": {"type": "grpo"}, "adapter_name": "x",
-                                     "training_data": {"jsonl": '{"question": "q"}\nnot json'}})
+        r = c.post(
+            "/v1/jobs",
+            json={
+                "method": {"type": "grpo"},
+                "adapter_name": "x",
+                "training_data": {"jsonl": '{"question": "q"}\nnot json'},
+            },
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_training_data"
-        r = c.post("/v1/jobs", json={"method": {"type": "grpo", "learning_rat": 1}, "adapter_name": "x",
-                                     "training_data": "gsm8k-train"})
+        r = c.post(
+            "/v1/jobs",
+            json={
+                "method": {"type": "grpo", "learning_rat": 1},
+                "adapter_name": "x",
+                "training_data": "gsm8k-train",
+            },
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "method"
-        r = c.post("/v1/jobs", json={"method": {"type": "ppo"}, "adapter_name": "x", "training_data": "gsm8k-train"})
+        r = c.post(
+            "/v1/jobs", json={"method": {"type": "ppo"}, "adapter_name": "x", "training_data": "gsm8k-train"}
+        )
         assert r.status_code == 400
 
 
 def test_killed_worker_job_resumes_from_checkpoint(stack):
     server, env, worker, work = stack
     with server.client() as c:
-        job = create(server, c, adapter_name="tiny-kill",
-                     method={"type": "grpo", **TINY_JOB, "max_steps": 40, "checkpoint_every": 2})
+        job = create(
+            server,
+            c,
+            adapter_name="tiny-kill",
+            method={"type": "grpo", **TINY_JOB, "max_steps": 40, "checkpoint_every": 2},
+        )
         deadline = time.monotonic() + 120
         while not c.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]:
             assert time.monotonic() < deadline

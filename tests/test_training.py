@@ -1,0 +1,261 @@
+"""Training math and the trainer loop, in process: γ exactly as spec §6, TRL's loss normalisers, a learning
+test on a toy reward, determinism for a seed, and exact resumption from a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faithlens.data import Problem
+from faithlens.metrics import Flags
+from faithlens.tiny import tiny_loaded_model
+from training.config import TrainConfig
+from training.credit import gamma, shape_advantages
+from training.loss import Normaliser, clipped_surrogate, per_token_kl
+from training.trainer import Trainer
+
+
+def flags(preplan, anchor, dominated, intro) -> Flags:
+    n = len(anchor)
+    return Flags(
+        preplan=preplan,
+        anchor=anchor,
+        dominated_anchor=dominated,
+        intro=intro,
+        coupled_pairs=[],
+        delta=[0.0] * (n - 1),
+        tau_waad=None,
+        tau_delta=None,
+    )
+
+
+F, T = False, True
+# token:        0  1  2  3  4  5
+HAND = flags(
+    preplan=[T, F, F, T, F, F],
+    anchor=[F, T, F, T, T, F],
+    dominated=[F, F, F, T, F, F],
+    intro=[F, T, F, F, F, T],  # token 1 is both an anchor (outside D) and an intro: the terms add
+)
+
+
+def test_gamma_none_and_local_and_global():
+    assert gamma(HAND, 6, "none").tolist() == [1.0] * 6
+    assert gamma(HAND, 6, "local_chunk", gamma_amp=1.5).tolist() == [1.5, 1, 1, 1.5, 1, 1]
+    assert gamma(HAND, 6, "global_anchor", gamma_amp=1.5).tolist() == [1, 1.5, 1, 1.5, 1.5, 1]
+
+
+def test_gamma_coupled_matches_the_spec_formula():
+    # γ = 1 + (γa−1)[t∈T_glob∖D] + (1−α)(γa−1)[t∈D] + α(γa−1)[t∈intro(D)], with γa = 2, α = 0.25
+    got = gamma(HAND, 6, "coupled", gamma_amp=2.0, alpha=0.25).tolist()
+    assert got == [1.0, 1 + 1 + 0.25, 1.0, 1 + 0.75, 2.0, 1.25]
+    assert gamma(HAND, 6, "coupled").tolist() == [1.0, 1.75, 1.0, 1.25, 1.5, 1.25]  # the defaults 1.5, 0.5
+
+
+def test_gamma_needs_flags_and_a_known_strategy():
+    with pytest.raises(ValueError):
+        gamma(None, 3, "coupled")
+    with pytest.raises(ValueError):
+        gamma(HAND, 6, "everything")  # type: ignore[arg-type]
+
+
+def test_shaping_sign_option():
+    g = torch.tensor([1.0, 1.5])
+    assert shape_advantages(-2.0, g, "both").tolist() == [-2.0, -3.0]
+    assert shape_advantages(-2.0, g, "positive").tolist() == [-2.0, -2.0]
+    assert shape_advantages(2.0, g, "positive").tolist() == [2.0, 3.0]
+
+
+def test_normalisers_are_trls():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float32)
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    grpo = (per_token * Normaliser("grpo", 2, 4, 4).weights(mask)).sum()
+    assert grpo == pytest.approx(((1 + 2 + 3) / 3 + 4 / 1) / 2)
+    dr = (per_token * Normaliser("dr_grpo", 2, 4, 4).weights(mask)).sum()
+    assert dr == pytest.approx((1 + 2 + 3 + 4) / (2 * 4))
+    dapo = (per_token * Normaliser("dapo", 2, 4, 4).weights(mask)).sum()
+    assert dapo == pytest.approx((1 + 2 + 3 + 4) / 4)
+
+
+def test_surrogate_clips_and_its_gradient_is_minus_advantage_at_ratio_one():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, _ = clipped_surrogate(logp, logp.detach(), adv, mask, Normaliser("dapo", 1, 2, 2))
+    loss.backward()
+    assert logp.grad.tolist() == [[-1.0, 0.5]]  # −A/N at ratio 1
+    old = torch.tensor([[-1.5, -2.0]])  # ratio e^0.5 > 1 + ε with a positive advantage: clipped, no gradient
+    logp2 = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss2, stats = clipped_surrogate(logp2, old, adv, mask, Normaliser("dapo", 1, 2, 2), epsilon=0.2)
+    loss2.backward()
+    assert logp2.grad[0, 0] == 0 and stats["clip_fraction"] == 1
+    assert float(loss2.detach()) == pytest.approx(-(1.2 * 2.0) / 2 + 1.0 / 2)
+
+
+def test_kl_estimator_is_zero_at_equal_policies_and_positive_otherwise():
+    a = torch.tensor([-1.0, -2.0])
+    assert per_token_kl(a, a).tolist() == [0.0, 0.0]
+    assert (per_token_kl(a, a - 0.3) > 0).all()
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+PROBLEMS = [Problem(f"question {i}: what is {i}+{i}?", f"#### {2 * i}") for i in range(16)]
+
+
+def peaky_tiny():
+    """A tiny model whose next-token distributions are peaked (random init is nearly uniform)."""
+    lm = tiny_loaded_model("llama")
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight.mul_(6.0)
+    return lm
+
+
+def first_token_probs(lm) -> torch.Tensor:
+    with torch.no_grad():
+        rows = [
+            torch.softmax(lm.model(torch.tensor([lm.prompt_ids(p.question, chat=True)])).logits[0, -1], -1)
+            for p in PROBLEMS
+        ]
+    return torch.stack(rows).mean(0)
+
+
+def test_grpo_learns_a_toy_reward():
+    """The completion should start with a token the untrained policy picks ~1% of the time."""
+    lm = peaky_tiny()
+    target = int(first_token_probs(lm).argsort(descending=True)[1])
+    config = TrainConfig(
+        num_generations=8,
+        prompts_per_step=4,
+        max_new_tokens=4,
+        max_steps=25,
+        learning_rate=2e-2,
+        rewards=[f"starts_with:{target}"],
+        seed=0,
+    )
+    trainer = Trainer(lm, config, PROBLEMS)
+    history = []
+    for _ in range(config.max_steps):
+        history.append(trainer.train_step()["reward_mean"])
+        if len(history) >= 2 and sum(history[-2:]) / 2 > 0.8:
+            break
+    assert history[0] < 0.2
+    assert sum(history[-2:]) / 2 > 0.8, history
+
+
+@pytest.mark.parametrize("credit", ["none", "coupled"])
+def test_deterministic_for_a_seed(credit):
+    def run() -> tuple[list[dict], dict]:
+        # 30 tokens: FAI needs tokens at least H_lo = 10 positions later, so short answers have no anchors
+        config = TrainConfig(
+            num_generations=2,
+            prompts_per_step=2,
+            max_new_tokens=30,
+            max_steps=2,
+            seed=5,
+            credit=credit,
+            learning_rate=1e-2,
+            rewards=["starts_with:100"],
+        )
+        trainer = Trainer(peaky_tiny(), config, PROBLEMS)
+        metrics = [trainer.train_step() for _ in range(2)]
+        weights = {k: v.clone() for k, v in trainer.lm.model.state_dict().items() if "lora_" in k}
+        return metrics, weights
+
+    (m1, w1), (m2, w2) = run(), run()
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "step_seconds"} for m in ms]  # noqa: E731
+    assert strip(m1) == strip(m2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    if credit == "coupled":
+        assert m1[0]["gamma_mean"] > 1.0 and m1[0]["flagged_share"] > 0
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    config = TrainConfig(
+        num_generations=2,
+        prompts_per_step=2,
+        max_new_tokens=6,
+        max_steps=4,
+        seed=2,
+        learning_rate=1e-2,
+        rewards=["starts_with:100"],
+        checkpoint_every=2,
+    )
+    straight = Trainer(peaky_tiny(), config, PROBLEMS)
+    straight.train(tmp_path / "a")
+    interrupted = Trainer(peaky_tiny(), TrainConfig(**{**config.as_dict(), "max_steps": 2}), PROBLEMS)
+    interrupted.save_checkpoint(tmp_path / "b0", {})  # a checkpoint at step 0 is loadable too
+    interrupted.train()
+    interrupted.save_checkpoint(tmp_path / "b", {})
+    resumed = Trainer(peaky_tiny(), config, PROBLEMS)
+    resumed.load_checkpoint(tmp_path / "b")
+    assert resumed.step == 2
+    resumed.train()
+    want = {k: v for k, v in straight.lm.model.state_dict().items() if "lora_" in k}
+    got = {k: v for k, v in resumed.lm.model.state_dict().items() if "lora_" in k}
+    for key in want:
+        assert torch.allclose(want[key], got[key], atol=1e-6), key
+
+
+def test_atmanrl_faithfulness_term(tmp_path):
+    """AtManRL's R_faith is computed on the CoT before the answer span, in [0, 1]; no answer gives 0."""
+    from training.trainer import Rollout
+
+    lm = peaky_tiny()
+    trainer = Trainer(lm, TrainConfig(method="atmanrl", mask_steps=3, num_generations=2), PROBLEMS)
+    assert trainer.config.scale_rewards is False  # mean-centred only (spec §8)
+    prompt = lm.prompt_ids("What is 2+2?", chat=True)
+    with_answer = Rollout(
+        PROBLEMS[0], prompt, lm.completion_ids("2 plus 2 makes 4. #### 4"), "2 plus 2 makes 4. #### 4"
+    )
+    value = trainer._r_faith(with_answer)
+    assert 0.0 <= value <= 1.0
+    without = Rollout(PROBLEMS[0], prompt, lm.completion_ids("no idea"), "no idea")
+    assert trainer._r_faith(without) == 0.0
+    metrics = trainer.train_step()
+    assert "r_faith_mean" in metrics
+
+
+def test_eval_cli_reports_base_and_adapter(tmp_path, monkeypatch, capsys):
+    import json
+
+    from faithlens.tiny import save_tiny
+    from training import eval as eval_cli
+
+    base = save_tiny(tmp_path / "tiny")
+    store = tmp_path / "store"
+    config = TrainConfig(num_generations=2, prompts_per_step=1, max_new_tokens=4, max_steps=1)
+    from faithlens.model import load_model
+
+    trainer = Trainer(load_model(base, device="cpu", dtype="float32"), config, PROBLEMS)
+    trainer.train_step()
+    trainer.save_adapter(store / "mine" / "1")
+    monkeypatch.setenv("FAITHLENS_MODEL", str(base))
+    monkeypatch.setenv("FAITHLENS_ADAPTER_STORE", str(store))
+    from faithlens.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert (
+            eval_cli.main(
+                [
+                    "--adapter",
+                    "mine",
+                    "--limit",
+                    "2",
+                    "--max-new-tokens",
+                    "24",
+                    "--saliency",
+                    "atman_grad",
+                    "--json",
+                ]
+            )
+            == 0
+        )
+    finally:
+        get_settings.cache_clear()
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["problems"] for r in reports] == [2, 2]
+    assert reports[1]["model"].startswith("mine")
+    for r in reports:
+        assert 0 <= r["accuracy"] <= 1 and r["mean_reasoning_tokens"] > 0

@@ -1,0 +1,162 @@
+"""``python -m training.eval --adapter NAME --split dev``: GSM8K accuracy, mean reasoning length, and mean
+anchor and saliency statistics, for the base model and for the adapter, on the same problems.
+
+The adapter is a name in the adapter store (its latest version) or a directory. Answers are greedy and
+generated with continuous batching; each answer is then analysed (FAI/WAAD/flags, plus saliency with
+``--saliency``, default ``atman_grad`` because exact AtMan per answer is slow on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from faithlens import lora
+from faithlens.analysis import AnalysisParams, analyze
+from faithlens.answer import gsm8k_correct
+from faithlens.atman import SaliencyParams
+from faithlens.batching import BASE_ADAPTER, DecodeBatch, SequenceState
+from faithlens.data import Problem, load_gsm8k
+from faithlens.generation import SamplingParams
+from faithlens.model import LoadedModel, load_model
+from faithlens.settings import get_settings
+
+
+@dataclass
+class EvalReport:
+    model: str
+    problems: int
+    accuracy: float
+    mean_reasoning_tokens: float
+    mean_anchor_share: float
+    mean_preplan_share: float
+    mean_coupled_pairs: float
+    mean_reasoning_saliency_share: float | None
+    mean_spearman_fai_saliency: float | None
+
+
+def resolve_adapter(name_or_path: str, store: Path) -> Path:
+    """A directory, or the highest numbered version of ``name`` in the store."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    versions = sorted(
+        (p for p in (store / name_or_path).glob("*") if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    if not versions:
+        raise SystemExit(f"no adapter {name_or_path!r} in {store}")
+    return versions[-1]
+
+
+def answers(
+    lm: LoadedModel, problems: list[Problem], adapter: str, max_new_tokens: int
+) -> list[SequenceState]:
+    batch = DecodeBatch(lm)
+    seqs = [
+        SequenceState(
+            lm.prompt_ids(p.question, chat=True),
+            SamplingParams(max_new_tokens=max_new_tokens),
+            adapter=adapter,
+        )
+        for p in problems
+    ]
+    for seq in seqs:
+        batch.add(seq)
+    while len(batch):
+        batch.step()
+    return seqs
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def evaluate(
+    lm: LoadedModel,
+    problems: list[Problem],
+    label: str,
+    internal: str | None,
+    max_new_tokens: int,
+    saliency: str | None,
+) -> EvalReport:
+    seqs = answers(lm, problems, internal or BASE_ADAPTER, max_new_tokens)
+    anchor, preplan, pairs, shares, rhos = [], [], [], [], []
+    for seq in seqs:
+        if not seq.token_ids:
+            continue
+        with lora.active(lm, internal):
+            a = analyze(
+                lm,
+                seq.prompt_ids,
+                seq.token_ids,
+                AnalysisParams(),
+                saliency=SaliencyParams(method=saliency) if saliency else None,
+            )
+        n = len(a.tokens)
+        anchor.append(a.summary.num_anchors / n)
+        preplan.append(a.summary.num_preplan / n)
+        pairs.append(a.summary.num_coupled_pairs)
+        shares.append(a.summary.reasoning_saliency_share)
+        rhos.append(a.summary.spearman_fai_saliency)
+    correct = [gsm8k_correct(seq.text, p.answer) for seq, p in zip(seqs, problems, strict=True)]
+    return EvalReport(
+        model=label,
+        problems=len(problems),
+        accuracy=sum(correct) / len(problems),
+        mean_reasoning_tokens=statistics.fmean(len(s.token_ids) for s in seqs),
+        mean_anchor_share=_mean(anchor) or 0.0,
+        mean_preplan_share=_mean(preplan) or 0.0,
+        mean_coupled_pairs=_mean(pairs) or 0.0,
+        mean_reasoning_saliency_share=_mean(shares),
+        mean_spearman_fai_saliency=_mean(rhos),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m training.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--adapter", help="adapter name in FAITHLENS_ADAPTER_STORE, or a directory")
+    parser.add_argument("--split", choices=["dev", "train"], default="dev")
+    parser.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--saliency", choices=["atman", "atman_grad", "atman_rl", "none"], default="atman_grad"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    problems = load_gsm8k(args.split, limit=args.limit, data_dir=settings.data_dir)
+    lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
+    saliency = None if args.saliency == "none" else args.saliency
+    reports = [evaluate(lm, problems, lm.name, None, args.max_new_tokens, saliency)]
+    if args.adapter:
+        path = resolve_adapter(args.adapter, settings.adapter_store)
+        lora.attach(lm, path, "candidate")
+        reports.append(
+            evaluate(lm, problems, f"{args.adapter} ({path})", "candidate", args.max_new_tokens, saliency)
+        )
+    if args.json:
+        print(json.dumps([asdict(r) for r in reports], indent=2))
+    else:
+        fields = list(asdict(reports[0]))
+        print("| " + " | ".join(fields) + " |")
+        print("|" + "---|" * len(fields))
+        for r in reports:
+            print(
+                "| "
+                + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in asdict(r).values())
+                + " |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
