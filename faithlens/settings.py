@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body size limit.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503 overloaded.")
 
+    ui_dir: Path = Field(
+        default=REPO_ROOT / "clients" / "python" / "faithlens_client" / "static",
+        description="The audit view's files (the client package's renderer), served at /ui.",
+    )
+
     # -- jobs (training/, workers/) ---------------------------------------------------------------------------
     job_visibility_timeout_s: int = Field(
         default=6 * 3600,

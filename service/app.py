@@ -20,7 +20,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.metrics import ServiceMetrics
-from service.routes import admin, jobs, native, openai, ops
+from service.routes import admin, jobs, native, openai, ops, ui
 from service.state import ServerState
 from training.jobs import JobStore
 
@@ -121,9 +121,10 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
         lifespan=lifespan,
     )
     app.state.api_keys = settings.parsed_api_keys()
+    app.state.ui_dir = settings.ui_dir
     app.state.faithlens = None
     install_error_handlers(app)
-    for module in (native, openai, admin, jobs, ops):
+    for module in (native, openai, admin, jobs, ops, ui):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)

@@ -1,0 +1,271 @@
+"""``faithlens``: the command line for a faithlens server. Human-readable by default, ``--json`` for
+scripts. Server and key come from ``--base-url``/``--api-key`` or ``$FAITHLENS_BASE_URL``/``$FAITHLENS_API_KEY``.
+
+    faithlens generate "What is 17*3?" --saliency atman_grad
+    faithlens analyze "Q: 2+2?" --completion " 4. #### 4"
+    faithlens audit "What is 17*3?" --html audit.html
+    faithlens jobs create --adapter-name mine --method grpo --set max_steps=20 --set credit=coupled
+    faithlens jobs watch ftjob-...
+    faithlens adapters load mine mine/3
+    faithlens models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from faithlens_client import Faithlens
+from faithlens_client.audit import AuditReport
+from faithlens_client.errors import FaithlensError
+from faithlens_client.types import Generation, Job, JobEvent
+
+
+def _dump(value: Any) -> str:
+    if isinstance(value, list):
+        return json.dumps(
+            [v.model_dump(mode="json", by_alias=True) if hasattr(v, "model_dump") else v for v in value],
+            indent=2,
+        )
+    if hasattr(value, "model_dump"):
+        return value.model_dump_json(indent=2, by_alias=True)
+    return json.dumps(value, indent=2)
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _print_generation(result: Generation) -> None:
+    print(result.text)
+    if result.annotations is None:
+        return
+    report = AuditReport.from_generation(result)
+    s = report.summary
+    print(
+        f"\n{s.num_response_tokens} tokens · {s.num_anchors} anchors · {s.num_preplan} preplan · "
+        f"{s.num_coupled_pairs} coupled pairs"
+    )
+    print("anchors (top FAI):", ", ".join(repr(t.text) for t in report.anchors(8)) or "–")
+    if s.saliency_method:
+        print(
+            f"most salient ({s.saliency_method}):",
+            ", ".join(repr(t.text) for t in report.most_salient(8)) or "–",
+        )
+
+
+def _print_jobs(jobs: list[Job]) -> None:
+    for job in jobs:
+        print(
+            f"{job.id}  {job.status:<9}  {job.method.get('type', '?'):<8}  step {job.step:<5} "
+            f"{job.adapter_name}  {job.result_adapter or ''}  {job.error.message if job.error else ''}"
+        )
+
+
+def _watch(client: Faithlens, job_id: str, as_json: bool) -> Job:
+    """A live progress bar with reward and accuracy (rich when installed, else one line per step)."""
+    job = client.jobs.get(job_id)
+    total = int(job.hyperparameters.get("max_steps", 0)) or None
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        Progress = None
+
+    def describe(event: JobEvent) -> str:
+        d = event.data or {}
+        return f"reward {d.get('reward_mean', 0):.3f} · acc {d.get('accuracy', 0):.2f} · loss {d.get('loss', 0):.4f}"
+
+    if as_json or Progress is None:
+
+        def on_progress(job: Job, events: list[JobEvent]) -> None:
+            for event in events:
+                print(
+                    event.model_dump_json()
+                    if as_json
+                    else f"[{job.status}] {event.message}"
+                    + (f"  {describe(event)}" if event.type == "metrics" else ""),
+                    flush=True,
+                )
+
+        return client.wait(job_id, on_progress=on_progress)
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns) as progress:
+        task = progress.add_task(job_id, total=total, stats="queued")
+
+        def on_progress(job: Job, events: list[JobEvent]) -> None:
+            metrics = [e for e in events if e.type == "metrics"]
+            stats = describe(metrics[-1]) if metrics else job.status
+            progress.update(task, completed=job.step, stats=stats)
+
+        return client.wait(job_id, on_progress=on_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faithlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--base-url", default=None)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def prompt_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("prompt", help="the user message (chat template applied)")
+        p.add_argument("--adapter")
+        p.add_argument("--saliency", choices=["atman", "atman_grad", "atman_rl"])
+
+    gen = sub.add_parser("generate", help="generate an annotated answer")
+    prompt_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    ana = sub.add_parser("analyze", help="annotate a completion you have")
+    prompt_args(ana)
+    ana.add_argument("--completion", required=True)
+    aud = sub.add_parser("audit", help="generate (or take --completion) and write the HTML audit view")
+    prompt_args(aud)
+    aud.add_argument("--completion")
+    aud.add_argument("--max-new-tokens", type=int, default=256)
+    aud.add_argument("--html", required=True, help="output file")
+
+    jobs = sub.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="action", required=True)
+    create = jobs.add_parser("create")
+    create.add_argument("--adapter-name", required=True)
+    create.add_argument("--method", choices=["grpo", "atmanrl"], default="grpo")
+    create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter")
+    create.add_argument("--training-file", help="a JSONL file of {question, answer} (default: gsm8k-train)")
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--watch", action="store_true")
+    lst = jobs.add_parser("list")
+    lst.add_argument("--limit", type=int, default=20)
+    for name in ("get", "watch", "cancel"):
+        jobs.add_parser(name).add_argument("job_id")
+
+    adapters = sub.add_parser("adapters", help="served adapters").add_subparsers(dest="action", required=True)
+    adapters.add_parser("list")
+    load = adapters.add_parser("load")
+    load.add_argument("name")
+    load.add_argument("path", help="inside the server's adapter store")
+    adapters.add_parser("unload").add_argument("name")
+    sub.add_parser("models", help="the base model and adapters")
+    return parser
+
+
+def run(args: argparse.Namespace, client: Faithlens) -> int:
+    out = print
+    if args.command == "generate":
+        result = client.generate(
+            messages=[{"role": "user", "content": args.prompt}],
+            adapter=args.adapter,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            analysis={},
+            saliency=args.saliency,
+        )
+        out(_dump(result)) if args.json else _print_generation(result)
+    elif args.command == "analyze":
+        result = client.analyze(
+            messages=[{"role": "user", "content": args.prompt}],
+            completion=args.completion,
+            adapter=args.adapter,
+            saliency=args.saliency,
+        )
+        out(_dump(result)) if args.json else _print_generation(result)
+    elif args.command == "audit":
+        report = client.audit(
+            messages=[{"role": "user", "content": args.prompt}],
+            completion=args.completion,
+            saliency=args.saliency,
+            adapter=args.adapter,
+            max_new_tokens=args.max_new_tokens,
+        )
+        report.to_html(args.html)
+        out(
+            _dump(report.summary) if args.json else f"wrote {args.html}: {report.summary.num_anchors} anchors"
+        )
+    elif args.command == "models":
+        models = client.models.list()
+        out(
+            _dump(models)
+            if args.json
+            else "\n".join(
+                f"{m.id}" + (f"  (adapter of {m.parent}, {m.root})" if m.parent else "  (base)")
+                for m in models
+            )
+        )
+    elif args.command == "adapters":
+        if args.action == "list":
+            result = client.adapters.list()
+            out(
+                _dump(result) if args.json else "\n".join(f"{a.name}  v{a.version}  {a.path}" for a in result)
+            )
+        else:
+            result = (
+                client.adapters.load(args.name, args.path)
+                if args.action == "load"
+                else client.adapters.unload(args.name)
+            )
+            out(_dump(result) if args.json else f"{args.action}ed {result.name} (v{result.version})")
+    elif args.command == "jobs":
+        return _jobs(args, client)
+    return 0
+
+
+def _jobs(args: argparse.Namespace, client: Faithlens) -> int:
+    if args.action == "create":
+        method = {"type": args.method}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            method[key] = _value(value)
+        data: Any = "gsm8k-train"
+        if args.training_file:
+            with open(args.training_file, encoding="utf-8") as fh:
+                data = {"jsonl": fh.read()}
+        job = client.jobs.create(
+            method=method, training_data=data, adapter_name=args.adapter_name, seed=args.seed
+        )
+        print(_dump(job) if args.json else f"created {job.id} ({job.status})")
+        if args.watch:
+            job = _watch(client, job.id, args.json)
+            return 0 if job.status == "succeeded" else 1
+    elif args.action == "list":
+        jobs = client.jobs.list(limit=args.limit)
+        print(_dump(jobs)) if args.json else _print_jobs(jobs)
+    elif args.action == "get":
+        job = client.jobs.get(args.job_id)
+        print(_dump(job)) if args.json else _print_jobs([job])
+    elif args.action == "cancel":
+        job = client.jobs.cancel(args.job_id)
+        print(_dump(job) if args.json else f"{job.id}: {job.status}")
+    elif args.action == "watch":
+        job = _watch(client, args.job_id, args.json)
+        if not args.json:
+            _print_jobs([job])
+        return 0 if job.status == "succeeded" else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Faithlens(base_url=args.base_url, api_key=args.api_key) as client:
+            return run(args, client)
+    except FaithlensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

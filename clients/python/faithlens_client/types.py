@@ -1,0 +1,163 @@
+"""Typed mirrors of the server's objects: annotations (docs/annotations.md), generations, models, adapters
+and fine-tuning jobs. Unknown fields are kept (``extra="allow"``), so a newer server does not break an
+older SDK."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class TokenAnnotation(_Model):
+    index: int
+    id: int
+    text: str
+    logprob: float | None = None
+    fai: float | None = None
+    waad: float | None = None
+    preplan: bool = False
+    anchor: bool = False
+    dominated_anchor: bool = False
+    intro: bool = False
+    saliency: float | None = None
+
+
+class AnswerSpan(_Model):
+    start: int
+    end: int
+    text: str
+
+
+class HeadGroups(_Model):
+    local: list[tuple[int, int]]
+    global_: list[tuple[int, int]] = Field(alias="global")
+
+
+class Counterfactual(_Model):
+    k: int
+    base_logprob: float
+    top_k_logprob: float
+    random_k_logprob: float
+    top_k_positions: list[int]
+    random_k_positions: list[int]
+
+
+class Summary(_Model):
+    num_prompt_tokens: int
+    num_response_tokens: int
+    num_anchors: int
+    num_preplan: int
+    num_dominated_anchors: int
+    num_coupled_pairs: int
+    coupled_pairs: list[tuple[int, int]] = Field(default_factory=list)
+    mean_fai: float | None = None
+    mean_waad: float | None = None
+    tau_waad: float | None = None
+    tau_delta: float | None = None
+    saliency_method: str | None = None
+    saliency_target: list[int] | None = None
+    target_logprob: float | None = None
+    reasoning_saliency_share: float | None = None
+    prompt_saliency_share: float | None = None
+    spearman_fai_saliency: float | None = None
+    counterfactual: Counterfactual | None = None
+    r_faith: float | None = None
+
+
+class Analysis(_Model):
+    model: str
+    adapter: str | None = None
+    prompt_token_ids: list[int]
+    prompt_tokens: list[str]
+    prompt_fai: list[float | None]
+    prompt_saliency: list[float | None] | None = None
+    tokens: list[TokenAnnotation]
+    layers: list[int]
+    heads: HeadGroups
+    params: dict[str, Any]
+    answer_span: AnswerSpan | None = None
+    summary: Summary
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Generation(_Model):
+    """The answer of ``/v1/generate`` and ``/v1/analyze``."""
+
+    id: str
+    object: str
+    model: str
+    adapter: str | None = None
+    text: str
+    finish_reason: str | None = None
+    usage: Usage
+    timings: dict[str, float]
+    annotations: Analysis | None = None
+
+
+class ModelCard(_Model):
+    id: str
+    object: str = "model"
+    created: int | None = None
+    owned_by: str | None = None
+    root: str | None = None
+    parent: str | None = None
+
+
+class Adapter(_Model):
+    name: str
+    path: str
+    version: str
+    loaded_at: int
+
+
+class JobError(_Model):
+    code: str
+    message: str
+
+
+class Job(_Model):
+    id: str
+    object: str = "fine_tuning.job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    error: JobError | None = None
+    model: str
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    adapter_name: str
+    result_adapter: str | None = None
+    seed: int = 0
+    metadata: dict[str, str] = Field(default_factory=dict)
+    step: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+class JobEvent(_Model):
+    created_at: float
+    level: str
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None = None
+
+
+class Checkpoint(_Model):
+    step_number: int
+    path: str
+    metrics: dict[str, Any]
+    created_at: int
