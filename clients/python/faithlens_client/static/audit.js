@@ -22,7 +22,10 @@
 
   function fmt(v) {
     if (v === null || v === undefined) return "–";
-    if (typeof v === "number") return Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(4);
+    if (typeof v === "number") {
+      if (Number.isInteger(v)) return String(v);
+      return Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(4);
+    }
     if (typeof v === "boolean") return v ? "yes" : "no";
     return String(v);
   }
