@@ -135,25 +135,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     await finish(job, request)
     assert job.seq is not None
-    payload = {
-        "id": job_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": job.seq.text, "refusal": None},
-                "logprobs": logprobs_of(job.tokens_out),
-                "finish_reason": job.seq.finish_reason,
-            }
-        ],
-        "usage": _usage(job),
+    message = {"role": "assistant", "content": job.seq.text, "refusal": None}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": logprobs_of(job.tokens_out),
+        "finish_reason": job.seq.finish_reason,
     }
-    if (annotations := _annotations(job, body, state)) is not None:
-        payload["faithlens"] = annotations
-    return JSONResponse(payload)
+    return _final(job, body, state, job_id, "chat.completion", created, model, choice)
 
 
 @router.post("/completions")
@@ -205,13 +194,36 @@ async def completions(body: CompletionRequest, request: Request):
 
     await finish(job, request)
     assert job.seq is not None
+    return _final(
+        job,
+        body,
+        state,
+        job_id,
+        "text_completion",
+        created,
+        model,
+        choice(job.seq.text, job.tokens_out, job.seq.finish_reason),
+    )
+
+
+def _final(
+    job: Job,
+    body: _Common,
+    state: ServerState,
+    job_id: str,
+    kind: str,
+    created: int,
+    model: str,
+    choice: dict,
+) -> JSONResponse:
+    """The non-streaming answer: one choice, usage, and the annotations when they were asked for."""
     payload = {
         "id": job_id,
-        "object": "text_completion",
+        "object": kind,
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice(job.seq.text, job.tokens_out, job.seq.finish_reason)],
+        "choices": [choice],
         "usage": _usage(job),
     }
     if (annotations := _annotations(job, body, state)) is not None:

@@ -247,8 +247,36 @@ class _Base:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def _should_retry(self, attempt: int, response: httpx.Response | None) -> bool:
-        return attempt < self.max_retries and (response is None or response.status_code == 503)
+    def _retry_in(self, attempt: int, response: httpx.Response | None, exc: Exception | None) -> float | None:
+        """Seconds to wait before the next attempt, or None when this outcome is final."""
+        retryable = response is None or response.status_code == 503
+        if attempt < self.max_retries and retryable:
+            return _retry_delay(attempt, response)
+        if response is None:
+            raise errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+        return None
+
+
+@dataclass
+class _Progress:
+    """What ``wait`` tracks between polls, shared by both clients."""
+
+    job_id: str
+    on_progress: Callable[[Job, list[JobEvent]], None] | None
+    timeout: float | None
+    seen: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def update(self, job: Job, new: list[JobEvent]) -> bool:
+        """Report news; True when the job is done. Raises TimeoutError past the deadline."""
+        self.seen += len(new)
+        if self.on_progress is not None and (new or job.finished):
+            self.on_progress(job, new)
+        if job.finished:
+            return True
+        if self.timeout is not None and time.monotonic() - self.started > self.timeout:
+            raise TimeoutError(f"job {self.job_id} still {job.status} after {self.timeout}s")
+        return False
 
 
 class Faithlens(_Base):
@@ -279,18 +307,19 @@ class Faithlens(_Base):
     def _run(self, call: Call[T]) -> T:
         attempt = 0
         while True:
-            response = None
+            response, failure = None, None
             try:
                 response = self._http.request(
                     call.method, call.path, json=call.json, params=call.params or None
                 )
             except httpx.TransportError as exc:
-                if not self._should_retry(attempt, None):
-                    raise errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-            if response is not None and not self._should_retry(attempt, response):
+                failure = exc
+            delay = self._retry_in(attempt, response, failure)
+            if delay is None:
+                assert response is not None
                 _raise_for(response)
                 return call.parse(response.json())
-            time.sleep(_retry_delay(attempt, response))
+            time.sleep(delay)
             attempt += 1
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Generation:
@@ -338,18 +367,11 @@ class Faithlens(_Base):
         timeout: float | None = None,
     ) -> Job:
         """Poll until the job finishes; ``on_progress(job, new_events)`` after each poll with news."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen = 0
+        progress = _Progress(job_id, on_progress, timeout)
         while True:
             job = self.jobs.get(job_id)
-            new = self.jobs.events(job_id, after=seen)
-            seen += len(new)
-            if on_progress is not None and (new or job.finished):
-                on_progress(job, new)
-            if job.finished:
+            if progress.update(job, self.jobs.events(job_id, after=progress.seen)):
                 return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             time.sleep(poll_interval)
 
     def audit(
@@ -409,18 +431,19 @@ class AsyncFaithlens(_Base):
     async def _run(self, call: Call[T]) -> T:
         attempt = 0
         while True:
-            response = None
+            response, failure = None, None
             try:
                 response = await self._http.request(
                     call.method, call.path, json=call.json, params=call.params or None
                 )
             except httpx.TransportError as exc:
-                if not self._should_retry(attempt, None):
-                    raise errors.APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
-            if response is not None and not self._should_retry(attempt, response):
+                failure = exc
+            delay = self._retry_in(attempt, response, failure)
+            if delay is None:
+                assert response is not None
                 _raise_for(response)
                 return call.parse(response.json())
-            await asyncio.sleep(_retry_delay(attempt, response))
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> Generation:
@@ -455,16 +478,9 @@ class AsyncFaithlens(_Base):
         poll_interval: float = 1.0,
         timeout: float | None = None,
     ) -> Job:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen = 0
+        progress = _Progress(job_id, on_progress, timeout)
         while True:
             job = await self.jobs.get(job_id)
-            new = await self.jobs.events(job_id, after=seen)
-            seen += len(new)
-            if on_progress is not None and (new or job.finished):
-                on_progress(job, new)
-            if job.finished:
+            if progress.update(job, await self.jobs.events(job_id, after=progress.seen)):
                 return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             await asyncio.sleep(poll_interval)
