@@ -3,6 +3,8 @@ test on a toy reward, determinism for a seed, and exact resumption from a checkp
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -259,3 +261,27 @@ def test_eval_cli_reports_base_and_adapter(tmp_path, monkeypatch, capsys):
     assert reports[1]["model"].startswith("mine")
     for r in reports:
         assert 0 <= r["accuracy"] <= 1 and r["mean_reasoning_tokens"] > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_kl_to_the_base_and_every_loss_type_train(loss_type):
+    """β > 0 runs a reference pass with the adapter disabled; KL starts at 0 (a fresh LoRA is the base)
+    and grows once the adapter moves."""
+    lm = peaky_tiny()
+    top = int(first_token_probs(lm).argmax())  # a reward that varies within groups, so the adapter moves
+    config = TrainConfig(
+        num_generations=4,
+        prompts_per_step=2,
+        max_new_tokens=6,
+        max_steps=3,
+        beta=0.1,
+        loss_type=loss_type,
+        learning_rate=3e-2,
+        rewards=[f"starts_with:{top}"],
+        seed=1,
+    )
+    trainer = Trainer(lm, config, PROBLEMS)
+    history = [trainer.train_step() for _ in range(3)]
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(m["kl"] >= 0 and math.isfinite(m["loss"]) for m in history)
+    assert history[-1]["kl"] > 0

@@ -67,6 +67,6 @@ def clipped_surrogate(
     m = mask.bool()
     stats = {
         "clip_fraction": float(((ratio != clipped) & m).sum()),
-        "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
+        "kl_sum": float((kl.detach() * mask).sum()) if kl is not None else 0.0,
     }
     return loss, stats
