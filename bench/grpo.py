@@ -20,10 +20,11 @@ decoding carries on past it). Same token counts, slightly different sampling dis
 
 Not equal, by design of the two trainers (what is being compared): faithlens decodes with its
 continuous-batching engine (one prefill per completion, then batched decode steps), TRL with
-``model.generate`` on a left-padded batch; TRL also computes per-token entropies for its logs. Not equal
-because TRL has different defaults we switch off: gradient checkpointing (TRL's default is on; faithlens
-does not checkpoint, so it is off here) and bf16 (off: CPU float32). The random streams differ (faithlens
-seeds each completion, TRL uses the global RNG), so completions and rewards differ.
+``model.generate`` on a left-padded batch; TRL also computes per-token entropies for its logs. Made
+equal by overriding TRL's defaults: gradient checkpointing off (TRL turns it on; faithlens does not
+checkpoint) and bf16 off (CPU float32 on both). Not equal: the random streams (faithlens
+seeds each completion, TRL uses the global RNG), so completions and rewards differ. The AdamW
+implementations differ (TRL's default fused AdamW, faithlens's torch.optim.AdamW; over LoRA parameters only).
 
 A step is timed from TRL's ``on_step_begin`` to ``on_step_end`` (generation, reward, loss, backward,
 optimiser step; not TRL's logging) and by faithlens's ``Trainer.train_step``. Variants are interleaved:
@@ -226,7 +227,9 @@ def trl_config(setup: Setup, output_dir: str):
     )
 
 
-def trl_trainer(setup: Setup, problems: list[Problem], callback, reward_log: list[tuple[int, int, float]]):
+def trl_trainer(
+    setup: Setup, problems: list[Problem], callback, reward_log: list[tuple[int, int, float]], output_dir: str
+):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback
@@ -238,7 +241,7 @@ def trl_trainer(setup: Setup, problems: list[Problem], callback, reward_log: lis
         model=lm.model,
         processing_class=lm.tokenizer,
         reward_funcs=gsm8k_reward(reward_log),
-        args=trl_config(setup, tempfile.mkdtemp(prefix="bench-grpo-")),
+        args=trl_config(setup, output_dir),
         train_dataset=Dataset.from_list(rows),
         peft_config=LoraConfig(
             r=setup.lora_r,
@@ -303,7 +306,8 @@ def run(setup: Setup) -> tuple[dict[str, Variant], dict[str, Any]]:
 
     timer = step_timer(faithlens_round)
     reward_log: list[tuple[int, int, float]] = []
-    trl = trl_trainer(setup, in_order, timer, reward_log)
+    output_dir = tempfile.TemporaryDirectory(prefix="bench-grpo-")
+    trl = trl_trainer(setup, in_order, timer, reward_log, output_dir.name)
     checks = {
         "prompt ids identical": check_prompts(ours["none"], trl.processing_class, in_order),
         "question order identical (none/coupled)": same_order,
@@ -314,7 +318,8 @@ def run(setup: Setup) -> tuple[dict[str, Variant], dict[str, Any]]:
             unwrap(trl.model).config._attn_implementation,
         ],
     }
-    trl.train()
+    with output_dir:
+        trl.train()
     variants["TRL"].seconds = timer.seconds
     variants["TRL"].tokens = [tokens for _, tokens, _ in reward_log]
     variants["TRL"].rewards = [reward for _, _, reward in reward_log]
@@ -390,7 +395,8 @@ def not_equal_note(setup: Setup) -> str:
         eos = "both stop at EOS: token counts differ per step (TRL counts the EOS token, faithlens does not)"
     return (
         f"not equal: {eos}; decoding engines differ (what is compared); TRL also computes entropies; "
-        "random streams differ (different completions and rewards). Shared CPU: timings are noisy."
+        "random streams differ (different completions and rewards); AdamW fused (TRL) vs torch default "
+        "(faithlens). Shared CPU: timings are noisy."
     )
 
 

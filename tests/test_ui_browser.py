@@ -30,8 +30,9 @@ def test_ui_renders_switches_and_hovers(server):
 
     problems: list[str] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=["--no-sandbox", "--disable-gpu"])
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
         page.on("pageerror", lambda exc: problems.append(str(exc)))
@@ -45,7 +46,9 @@ def test_ui_renders_switches_and_hovers(server):
         assert tokens.count() == 40
 
         def colours() -> list[str]:
-            return page.eval_on_selector_all(".fl-heatmap .fl-token", "els => els.map(e => e.style.backgroundColor)")
+            return page.eval_on_selector_all(
+                ".fl-heatmap .fl-token", "els => els.map(e => e.style.backgroundColor)"
+            )
 
         fai = colours()
         assert len(set(fai)) > 3, "FAI should shade tokens differently"
@@ -62,7 +65,8 @@ def test_ui_renders_switches_and_hovers(server):
         waad_cell = card.locator("tr[data-field=WAAD] td").inner_text()
         assert float(waad_cell) >= 0
         assert card.locator("tr[data-field=index] td").inner_text() == page.get_attribute(
-            ".fl-heatmap .fl-token:nth-child(6)", "data-index")
+            ".fl-heatmap .fl-token:nth-child(6)", "data-index"
+        )
         assert page.locator(".fl-summary tr").count() > 5
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
@@ -73,9 +77,8 @@ def test_ui_renders_switches_and_hovers(server):
 
 def test_to_html_page_renders_offline(server, tmp_path):
     """AuditReport.to_html: a file:// page with no network, drawn by the same renderer."""
-    from playwright.sync_api import sync_playwright
-
     from faithlens_client import Faithlens
+    from playwright.sync_api import sync_playwright
 
     with Faithlens(server.url) as client:
         path = tmp_path / "audit.html"
