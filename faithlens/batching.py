@@ -54,7 +54,7 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.seed is None:
         gen.seed()
     else:
-        gen.manual_seed(params.seed)
+        gen.manual_seed(params.seed % 2**63)  # any int a client sends (OpenAI allows negatives)
     return gen
 
 

@@ -45,7 +45,7 @@ class SaliencyOptions(Strict):
     normalize: bool = False
     target: Literal["answer", "response"] | list[Annotated[int, Field(ge=0)]] = "answer"
     rl_steps: int = Field(default=200, ge=1, le=2000)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     counterfactual_k: int = Field(default=5, ge=1, le=256)
 
     @field_validator("factor")

@@ -66,7 +66,7 @@ class CreateJobRequest(BaseModel):
     method: JobMethod
     training_data: Literal["gsm8k-train"] | UploadedData | Annotated[list[TrainingRow], Field(min_length=1)]
     adapter_name: AdapterName
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] = Field(
         default_factory=dict
     )
@@ -179,7 +179,7 @@ async def list_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/{job_id}/events", dependencies=[Depends(require("infer"))])
 async def list_events(
-    job_id: str, request: Request, follow: bool = False, after: Annotated[int, Query(ge=0)] = 0
+    job_id: str, request: Request, follow: bool = False, after: Annotated[int, Query(ge=0, le=10**9)] = 0
 ):
     """All events from index ``after``; with ``follow=true`` an SSE stream that ends, with ``[DONE]``,
     when the job finishes."""
