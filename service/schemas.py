@@ -85,17 +85,8 @@ class AnalysisOptions(Strict):
         return self
 
     def to_params(self) -> AnalysisParams:
-        return AnalysisParams(
-            W=self.W,
-            H_lo=self.H_lo,
-            H_hi=self.H_hi,
-            q=self.q,
-            k=self.k,
-            tau_waad=self.tau_waad,
-            tau_delta=self.tau_delta,
-            layers=self.layers,
-            head_fraction=self.head_fraction,
-        )
+        """The spec parameters are every field except what to return and how to score saliency."""
+        return AnalysisParams(**self.model_dump(exclude={"metrics", "saliency"}))
 
     def saliency_params(self) -> SaliencyParams | None:
         if "saliency" not in self.metrics:

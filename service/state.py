@@ -100,7 +100,7 @@ def check_new_tokens(state: ServerState, prompt_len: int, max_new_tokens: int, p
         )
 
 
-def resolve_model(state: ServerState, name: str | None, param: str = "model") -> str | None:
+def resolve_model(state: ServerState, name: str | None) -> str | None:
     """The OpenAI ``model`` field: the base name (or unset) means no adapter; otherwise an adapter name."""
     if name is None or name == state.model_name:
         return None

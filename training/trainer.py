@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -332,7 +331,3 @@ def _flatten_adapter_dir(path: Path) -> None:
         for item in nested.iterdir():
             item.replace(path / item.name)
         nested.rmdir()
-
-
-def is_finite(metrics: dict) -> bool:
-    return all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
