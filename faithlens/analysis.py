@@ -133,6 +133,44 @@ def _resolve_split(params: AnalysisParams, heads: HeadList, distance: torch.Tens
         raise ValueError(f"head {exc.args[0]} is not in the model") from exc
 
 
+def new_probe(lm: LoadedModel, prompt_len: int, params: AnalysisParams) -> AttentionProbe:
+    """A probe for one sequence whose response starts at ``prompt_len`` (spec §1–4 parameters)."""
+    model = unwrap(lm.model)
+    return AttentionProbe(
+        layers=params.resolved_layers(model.config.num_hidden_layers),
+        response_start=prompt_len,
+        window=params.W,
+        h_lo=params.H_lo,
+        h_hi=params.H_hi,
+        memory_budget_bytes=params.memory_budget_mb * 2**20,
+    )
+
+
+@dataclass
+class ProbeMetrics:
+    """What one probe's vectors yield (spec §2–5): the head split, WAAD, FAI and the flags."""
+
+    heads: HeadList
+    split: HeadSplit
+    head_distance: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+    flags: Flags
+
+
+def metrics_from_probe(probe: AttentionProbe, n: int, params: AnalysisParams) -> ProbeMetrics:
+    """Turn a probe that has seen one n-token sequence into the spec's metrics and flags."""
+    prompt_len = probe.response_start
+    heads, distance, waad_heads, fai_heads = _collect_heads(probe, probe.layers, n, prompt_len)
+    split = _resolve_split(params, heads, distance)
+    waad = group_mean(waad_heads, split.local)
+    fai = fai_from_sums(
+        group_mean(fai_heads, split.global_), fai_counts(n, prompt_len, params.H_lo, params.H_hi)
+    )
+    flags = compute_flags(waad, fai[prompt_len:], params.q, params.k, params.tau_waad, params.tau_delta)
+    return ProbeMetrics(heads, split, distance, waad, fai, flags)
+
+
 @torch.inference_mode()
 def compute_metrics(
     lm: LoadedModel,
@@ -146,39 +184,24 @@ def compute_metrics(
     if not 0 <= prompt_len < len(input_ids):
         raise ValueError("the response must have at least one token")
     model = unwrap(lm.model)
-    layers = params.resolved_layers(model.config.num_hidden_layers)
-    probe = AttentionProbe(
-        layers=layers,
-        response_start=prompt_len,
-        window=params.W,
-        h_lo=params.H_lo,
-        h_hi=params.H_hi,
-        memory_budget_bytes=params.memory_budget_mb * 2**20,
-    )
+    probe = new_probe(lm, prompt_len, params)
     ids = torch.tensor([input_ids], device=lm.device)
     started = time.perf_counter()
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, use_cache=False, faithlens_probe=probe).last_hidden_state
     logprobs = _response_logprobs(model, hidden, ids, prompt_len) if with_logprobs else None
     scored = time.perf_counter()
-    n = len(input_ids)
-    heads, distance, waad_heads, fai_heads = _collect_heads(probe, layers, n, prompt_len)
-    split = _resolve_split(params, heads, distance)
-    waad = group_mean(waad_heads, split.local)
-    fai = fai_from_sums(
-        group_mean(fai_heads, split.global_), fai_counts(n, prompt_len, params.H_lo, params.H_hi)
-    )
-    flags = compute_flags(waad, fai[prompt_len:], params.q, params.k, params.tau_waad, params.tau_delta)
+    found = metrics_from_probe(probe, len(input_ids), params)
     return SequenceMetrics(
         input_ids=list(input_ids),
         prompt_len=prompt_len,
-        layers=layers,
-        heads=heads,
-        split=split,
-        head_distance=distance,
-        waad=waad,
-        fai=fai,
-        flags=flags,
+        layers=probe.layers,
+        heads=found.heads,
+        split=found.split,
+        head_distance=found.head_distance,
+        waad=found.waad,
+        fai=found.fai,
+        flags=found.flags,
         logprobs=logprobs,
         timings={"scoring": scored - started, "metrics": time.perf_counter() - scored},
     )

@@ -5,9 +5,10 @@ under the name ``"faithlens"``. On an ordinary forward pass it is a pass-through
 keeps the fused kernels. Two optional keyword arguments, threaded by transformers from ``model(...)``
 down to each attention call, switch on our extras:
 
-* ``faithlens_probe``: an :class:`AttentionProbe` that reads query and key (after RoPE) of selected
-  layers and accumulates per-head metric vectors in row chunks, never holding an N×N map of all
-  layers (spec §1).
+* ``faithlens_probe``: an :class:`AttentionProbe` (one sequence) or a :class:`BatchProbe` (one per
+  row of a right-padded batch) that reads query and key (after RoPE) of selected layers and
+  accumulates per-head metric vectors in row chunks, never holding an N×N map of all layers
+  (spec §1). It reads detached tensors, so it can ride on a training forward pass.
 * ``faithlens_key_bias``: a ``(batch, keys)`` float tensor added to the pre-softmax scores of every
   layer, head and query row (AtMan suppression, spec §7). It may require grad.
 """
@@ -33,7 +34,7 @@ def faithlens_attention(
     attention_mask: torch.Tensor | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    probe: AttentionProbe | None = kwargs.pop("faithlens_probe", None)
+    probe: AttentionProbe | BatchProbe | None = kwargs.pop("faithlens_probe", None)
     key_bias: torch.Tensor | None = kwargs.pop("faithlens_key_bias", None)
     if key_bias is not None:
         attention_mask = with_key_bias(attention_mask, key_bias, query, key)
@@ -117,8 +118,20 @@ class AttentionProbe:
             return
         if query.shape[0] != 1 or query.shape[-2] != key.shape[-2]:
             raise ValueError("AttentionProbe needs one full sequence per forward pass (batch 1, no KV cache)")
-        q = query[0].float()
-        k = key[0].float()
+        with torch.no_grad():
+            self._observe(
+                layer, query[0].detach().float(), key[0].detach().float(), attention_mask, scaling, softcap
+            )
+
+    def _observe(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+    ) -> None:
         n_heads, n = q.shape[0], q.shape[1]
         k = k.repeat_interleave(n_heads // k.shape[0], dim=0)  # GQA: head h reads kv head h // n_rep
         scale = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -184,3 +197,32 @@ class AttentionProbe:
         lag = t[:, None] - s[None, col_lo:col_hi]
         band = (lag >= self.h_lo) & (lag <= hi)
         self.fai_sum[layer][:, col_lo:col_hi] += (probs[:, :, col_lo:col_hi] * band).sum(-2)
+
+
+@dataclass
+class BatchProbe:
+    """One :class:`AttentionProbe` per row of a right-padded batch (row b holds ``lengths[b]`` tokens).
+
+    Right padding leaves every row's first ``lengths[b]`` positions exactly as in an unpadded pass, so
+    each probe sees its own sequence; this lets the trainer read γ's metrics off its own forward pass.
+    """
+
+    probes: list[AttentionProbe]
+    lengths: list[int]
+
+    def observe(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        softcap: float | None = None,
+    ) -> None:
+        if query.shape[0] != len(self.probes):
+            raise ValueError(f"BatchProbe holds {len(self.probes)} rows, the batch has {query.shape[0]}")
+        for b, (probe, n) in enumerate(zip(self.probes, self.lengths, strict=True)):
+            rows_mask = None
+            if attention_mask is not None:
+                rows_mask = attention_mask[min(b, attention_mask.shape[0] - 1), None, :, :n, :n]
+            probe.observe(module, query[b : b + 1, :, :n], key[b : b + 1, :, :n], rows_mask, scaling, softcap)

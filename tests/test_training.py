@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from faithlens.analysis import AnalysisParams, compute_metrics
 from faithlens.data import Problem
 from faithlens.metrics import Flags
 from faithlens.tiny import tiny_loaded_model
@@ -170,6 +171,31 @@ def test_deterministic_for_a_seed(credit):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     if credit == "coupled":
         assert m1[0]["gamma_mean"] > 1.0 and m1[0]["flagged_share"] > 0
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_gamma_from_the_training_forward_equals_a_scoring_pass(lora_dropout):
+    """γ read off the loss's batched, padded forward (or, with dropout, a separate eval pass) must equal
+    γ from the foundation's one-sequence scoring pass on the same policy."""
+    config = TrainConfig(
+        num_generations=2, prompts_per_step=2, max_new_tokens=40, seed=3, credit="coupled",
+        lora_dropout=lora_dropout,
+    )  # fmt: skip
+    trainer = Trainer(peaky_tiny(), config, PROBLEMS)
+    rollouts = trainer._rollouts(0)
+    rollouts[1].completion_ids = rollouts[1].completion_ids[:25]  # rows of different lengths: padding
+    assert all(r.gammas is None for r in rollouts)
+    expected = []
+    for r in rollouts:
+        ids = r.prompt_ids + r.completion_ids
+        flags = compute_metrics(trainer.lm, ids, len(r.prompt_ids), AnalysisParams(q=config.q)).flags
+        expected.append(gamma(flags, len(r.completion_ids), "coupled", config.gamma_amp, config.alpha))
+    normaliser = Normaliser("dapo", len(rollouts), sum(len(r.completion_ids) for r in rollouts), 40)
+    loss, _ = trainer._loss(rollouts, normaliser)
+    assert loss is not None and loss.requires_grad
+    for r, want in zip(rollouts, expected, strict=True):
+        assert torch.equal(r.gammas, want)
+    assert sum(r.flagged for r in rollouts) > 0
 
 
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):

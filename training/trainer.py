@@ -2,8 +2,10 @@
 
 One step: take ``prompts_per_step`` problems (a seeded order), sample G completions each from the current
 policy (continuous batching, a seeded RNG per completion), score rewards, form group advantages, shape them
-per token with γ (spec §6) from a no-grad scoring pass on the current policy, then take one optimiser step
-on the clipped surrogate. Everything random derives from (seed, step), so a run resumed from a checkpoint
+per token with γ (spec §6), then take one optimiser step on the clipped surrogate. γ's metrics are read
+off the loss's own forward pass (a detached probe on the probed layers' query and key): that pass runs the
+current policy, adapter active, before any update, so it is the spec's scoring pass without paying for a
+second forward. With LoRA dropout on, a separate no-grad pass in eval mode reads them instead. Everything random derives from (seed, step), so a run resumed from a checkpoint
 continues exactly as an uninterrupted one.
 """
 
@@ -13,18 +15,19 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from faithlens.analysis import AnalysisParams, compute_metrics
+from faithlens.analysis import AnalysisParams, metrics_from_probe, new_probe
 from faithlens.answer import char_span_to_tokens, find_answer_span
 from faithlens.atman import atman_rl_saliency
+from faithlens.attention import BatchProbe
 from faithlens.batching import DecodeBatch, SequenceState
 from faithlens.data import Problem
 from faithlens.generation import SamplingParams
-from faithlens.model import LoadedModel
+from faithlens.model import LoadedModel, unwrap
 from training import rewards as reward_lib
 from training.config import TrainConfig
 from training.credit import gamma, shape_advantages
@@ -55,7 +58,7 @@ class Rollout:
     correct: bool = False
     r_faith: float | None = None
     advantage: float = 0.0
-    gammas: torch.Tensor = field(default_factory=lambda: torch.ones(0))
+    gammas: torch.Tensor | None = None  # None until the loss's forward pass has read the metrics
     flagged: int = 0
 
 
@@ -138,7 +141,7 @@ class Trainer:
             self.optimizer.step()
         self.step += 1
         tokens = max(normaliser.tokens, 1)
-        all_gammas = torch.cat([r.gammas for r in rollouts]) if rollouts else torch.ones(0)
+        all_gammas = torch.cat([r.gammas for r in rollouts if r.gammas is not None] or [torch.ones(0)])
         rewards = torch.tensor([r.reward for r in rollouts])
         metrics = {
             "step": self.step,
@@ -214,20 +217,43 @@ class Trainer:
             for r, a in zip(group, centred.tolist(), strict=True):
                 r.advantage = a
         for r in rollouts:
-            r.gammas, r.flagged = self._gammas(r)
+            if config.credit == "none" or not r.completion_ids:
+                r.gammas = torch.ones(len(r.completion_ids))
         return rollouts
 
-    def _gammas(self, r: Rollout) -> tuple[torch.Tensor, int]:
-        n = len(r.completion_ids)
-        if self.config.credit == "none" or n == 0:
-            return torch.ones(n), 0
-        params = AnalysisParams(q=self.config.q)
-        metrics = compute_metrics(
-            self.lm, r.prompt_ids + r.completion_ids, len(r.prompt_ids), params, with_logprobs=False
+    # -- credit (spec §6) -----------------------------------------------------------------------------------
+    def _gamma_probe(self, rollouts: list[Rollout]) -> BatchProbe | None:
+        """A probe for every rollout of the batch, or None when γ is known already."""
+        if all(r.gammas is not None for r in rollouts):
+            return None
+        params = self._analysis_params()
+        return BatchProbe(
+            probes=[new_probe(self.lm, len(r.prompt_ids), params) for r in rollouts],
+            lengths=[len(r.prompt_ids) + len(r.completion_ids) for r in rollouts],
         )
-        flags = metrics.flags
-        g = gamma(flags, n, self.config.credit, self.config.gamma_amp, self.config.alpha)
-        return g, int((g != 1).sum())
+
+    def _analysis_params(self) -> AnalysisParams:
+        return AnalysisParams(q=self.config.q)
+
+    def _set_gammas(self, rollouts: list[Rollout], probe: BatchProbe) -> None:
+        params = self._analysis_params()
+        for r, one, n in zip(rollouts, probe.probes, probe.lengths, strict=True):
+            if r.gammas is not None:
+                continue
+            flags = metrics_from_probe(one, n, params).flags
+            c = self.config
+            r.gammas = gamma(flags, len(r.completion_ids), c.credit, c.gamma_amp, c.alpha)
+            r.flagged = int((r.gammas != 1).sum())
+
+    @torch.no_grad()
+    def _scoring_pass(self, rollouts: list[Rollout], probe: BatchProbe) -> None:
+        """A separate no-grad pass in eval mode, for when dropout would perturb the training forward."""
+        self.lm.model.eval()
+        ids, attention = self._padded(rollouts)
+        model = unwrap(self.lm.model)
+        backbone = getattr(model, model.base_model_prefix)
+        backbone(input_ids=ids, attention_mask=attention, use_cache=False, faithlens_probe=probe)
+        self._set_gammas(rollouts, probe)
 
     def _r_faith(self, r: Rollout) -> float:
         """R_faith = mean_v s_v over the CoT (spec §8); 0 when there is no answer span or no CoT."""
@@ -247,11 +273,10 @@ class Trainer:
         return float(result.r_faith)
 
     # -- the objective -----------------------------------------------------------------------------------------
-    def _token_logprobs(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
-        """log π(completion token) for a right-padded batch: (B, T) log-probs and mask."""
+    def _padded(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt+completion ids, right-padded, and their attention mask."""
         device = self.lm.device
-        lengths = [len(r.completion_ids) for r in rollouts]
-        width = max(len(r.prompt_ids) + n for r, n in zip(rollouts, lengths, strict=True))
+        width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
         pad = self.lm.tokenizer.pad_token_id or 0
         ids = torch.full((len(rollouts), width), pad, device=device)
         attention = torch.zeros_like(ids)
@@ -259,7 +284,19 @@ class Trainer:
             seq = r.prompt_ids + r.completion_ids
             ids[i, : len(seq)] = torch.tensor(seq, device=device)
             attention[i, : len(seq)] = 1
-        logits = self.lm.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+        return ids, attention
+
+    def _token_logprobs(
+        self, rollouts: list[Rollout], probe: BatchProbe | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π(completion token) for a right-padded batch: (B, T) log-probs and mask."""
+        device = self.lm.device
+        lengths = [len(r.completion_ids) for r in rollouts]
+        ids, attention = self._padded(rollouts)
+        extra = {} if probe is None else {"faithlens_probe": probe}
+        logits = self.lm.model(
+            input_ids=ids, attention_mask=attention, use_cache=False, **extra
+        ).logits.float()
         t_max = max(lengths)
         logp = torch.zeros(len(rollouts), t_max, device=device)
         mask = torch.zeros(len(rollouts), t_max, device=device)
@@ -276,8 +313,14 @@ class Trainer:
         if not any(r.completion_ids for r in rollouts):
             return None, {"kl_sum": 0.0, "clip_fraction": 0.0}
         config = self.config
+        probe = self._gamma_probe(rollouts)
+        if probe is not None and config.lora_dropout > 0:
+            self._scoring_pass(rollouts, probe)
+            probe = None
         self.lm.model.train()
-        logp, mask = self._token_logprobs(rollouts)
+        logp, mask = self._token_logprobs(rollouts, probe)
+        if probe is not None:
+            self._set_gammas(rollouts, probe)
         advantages = torch.zeros_like(logp)
         for i, r in enumerate(rollouts):
             n = len(r.completion_ids)
