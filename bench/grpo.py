@@ -91,6 +91,7 @@ class Variant:
     seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    credit_seconds: list[float] = field(default_factory=list)  # faithlens: time on γ inside the step
 
     def timed(self) -> tuple[list[float], list[int]]:
         """The rounds after the warm-up."""
@@ -164,6 +165,7 @@ def run_faithlens_step(trainer, variant: Variant, setup: Setup) -> None:
     variant.seconds.append(metrics["step_seconds"])
     variant.tokens.append(round(metrics["completion_length"] * completions))
     variant.rewards.append(metrics["reward_mean"])
+    variant.credit_seconds.append(metrics["credit_seconds"])
 
 
 # -- TRL -----------------------------------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def report(setup: Setup, variants: dict[str, Variant], checks: dict[str, Any]) -
         rows,
     )
     ours, coupled, trl = stats["faithlens none"], stats["faithlens coupled"], stats["TRL"]
-    none = variants["faithlens none"]
+    none, coupled_v = variants["faithlens none"], variants["faithlens coupled"]
     speed = (trl["median_s"] / ours["median_s"], paired_ratio(variants["TRL"], none))
     overhead = (coupled["median_s"] / ours["median_s"], paired_ratio(variants["faithlens coupled"], none))
     print()
@@ -388,6 +390,11 @@ def report(setup: Setup, variants: dict[str, Variant], checks: dict[str, Any]) -
         f"coupled / none step time:          {overhead[0]:.2f}× | {overhead[1]:.2f}×  "
         f"(credit overhead {100 * (overhead[1] - 1):+.1f}%, target ≤ +10%: "
         f"{'met' if overhead[1] <= 1.10 else 'NOT met'})"
+    )
+    shares = [c / s for c, s in zip(coupled_v.credit_seconds[1:], coupled_v.seconds[1:], strict=True)]
+    print(
+        f"credit work timed inside the coupled step: median {statistics.median(coupled_v.credit_seconds[1:]):.3f} s"
+        f" = {100 * statistics.median(shares):.1f}% of its step (the probe on the loss's forward + metrics + γ)"
     )
     print()
     print("per-step seconds (round 0 = warm-up):", json.dumps({n: v.seconds for n, v in variants.items()}))

@@ -16,6 +16,7 @@ down to each attention call, switch on our extras:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -209,6 +210,7 @@ class BatchProbe:
 
     probes: list[AttentionProbe]
     lengths: list[int]
+    seconds: float = 0.0  # time spent observing: what the probe adds to the pass it rides on
 
     def observe(
         self,
@@ -221,8 +223,10 @@ class BatchProbe:
     ) -> None:
         if query.shape[0] != len(self.probes):
             raise ValueError(f"BatchProbe holds {len(self.probes)} rows, the batch has {query.shape[0]}")
+        started = time.perf_counter()
         for b, (probe, n) in enumerate(zip(self.probes, self.lengths, strict=True)):
             rows_mask = None
             if attention_mask is not None:
                 rows_mask = attention_mask[min(b, attention_mask.shape[0] - 1), None, :, :n, :n]
             probe.observe(module, query[b : b + 1, :, :n], key[b : b + 1, :, :n], rows_mask, scaling, softcap)
+        self.seconds += time.perf_counter() - started

@@ -99,6 +99,7 @@ class Trainer:
         order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(config.seed))
         self.order = order.tolist()
         self.step = 0  # steps completed
+        self._credit_seconds = 0.0  # this step's time spent on γ: probing, metrics, flags
         self._prompt_cache: dict[int, list[int]] = {}
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -118,6 +119,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         started = time.perf_counter()
+        self._credit_seconds = 0.0
         config = self.config
         micro_batches = [self._rollouts(micro) for micro in range(config.gradient_accumulation_steps)]
         rollouts = [r for batch in micro_batches for r in batch]
@@ -155,6 +157,7 @@ class Trainer:
             "flagged_share": sum(r.flagged for r in rollouts) / tokens,
             "completion_length": normaliser.tokens / len(rollouts),
             "step_seconds": time.perf_counter() - started,
+            "credit_seconds": self._credit_seconds,
         }
         if config.method == "atmanrl":
             faith = [r.r_faith for r in rollouts if r.r_faith is not None]
@@ -236,6 +239,7 @@ class Trainer:
         return AnalysisParams(q=self.config.q)
 
     def _set_gammas(self, rollouts: list[Rollout], probe: BatchProbe) -> None:
+        started = time.perf_counter()
         params = self._analysis_params()
         for r, one, n in zip(rollouts, probe.probes, probe.lengths, strict=True):
             if r.gammas is not None:
@@ -244,15 +248,18 @@ class Trainer:
             c = self.config
             r.gammas = gamma(flags, len(r.completion_ids), c.credit, c.gamma_amp, c.alpha)
             r.flagged = int((r.gammas != 1).sum())
+        self._credit_seconds += probe.seconds + time.perf_counter() - started
 
     @torch.no_grad()
     def _scoring_pass(self, rollouts: list[Rollout], probe: BatchProbe) -> None:
         """A separate no-grad pass in eval mode, for when dropout would perturb the training forward."""
+        started = time.perf_counter()
         self.lm.model.eval()
         ids, attention = self._padded(rollouts)
         model = unwrap(self.lm.model)
         backbone = getattr(model, model.base_model_prefix)
         backbone(input_ids=ids, attention_mask=attention, use_cache=False, faithlens_probe=probe)
+        probe.seconds = time.perf_counter() - started  # the whole pass is credit's cost here
         self._set_gammas(rollouts, probe)
 
     def _r_faith(self, r: Rollout) -> float:
