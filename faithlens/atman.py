@@ -38,6 +38,7 @@ class SaliencyParams:
     target: Literal["answer", "response"] | list[int] = "answer"
     prefix_reuse: bool = True
     memory_budget_mb: int = 512
+    recompute_slack: float | None = None  # None: CPU_RECOMPUTE_SLACK on a CPU, unbounded on a GPU
     rl_steps: int = 200
     seed: int = 0
     counterfactual_k: int = 5
@@ -49,6 +50,8 @@ class SaliencyParams:
             raise ValueError("factor must be > 0 and ≠ 1 (< 1 suppresses, > 1 amplifies)")
         if self.conceptual_threshold is not None and not -1 <= self.conceptual_threshold <= 1:
             raise ValueError("conceptual_threshold is a cosine similarity in [-1, 1]")
+        if self.recompute_slack is not None and not self.recompute_slack >= 0:
+            raise ValueError("recompute_slack must be ≥ 0 (a share of the batch's span)")
         if self.rl_steps < 1 or self.counterfactual_k < 1:
             raise ValueError("rl_steps and counterfactual_k must be ≥ 1")
 
@@ -160,6 +163,30 @@ def _batch_size(model: torch.nn.Module, n: int, budget_bytes: int) -> int:
     return max(1, min(64, budget_bytes // per_seq))
 
 
+# How much recomputation a CPU batch may add. Every row of a batch starts from the batch's earliest
+# suppressed column, so a row whose own column lies later redoes positions that its cached prefix already
+# holds. On a GPU a wider batch costs little next to a sequential pass, so only memory bounds it; on a CPU
+# the work is FLOP-bound and one row already keeps the cores busy, so rows join a batch only while the
+# redone positions stay within this share of the batch's span.
+CPU_RECOMPUTE_SLACK = 0.02
+
+
+def _plan_batches(order: list[int], first: list[int], n: int, size: int, slack: float) -> list[list[int]]:
+    """Rows (sorted by first suppressed column) cut into batches of at most ``size``; a row joins a batch
+    only if its first column is within ``slack·(n − start)`` of the batch's start."""
+    batches: list[list[int]] = []
+    for g in order:
+        if batches:
+            batch = batches[-1]
+            start = first[batch[0]]
+            fits = first[g] - start <= slack * (n - start)
+            if len(batch) < size and fits:
+                batch.append(g)
+                continue
+        batches.append([g])
+    return batches
+
+
 def _target_logprob(
     model, hidden: torch.Tensor, ids: torch.Tensor, target: list[int], start: int
 ) -> torch.Tensor:
@@ -179,6 +206,7 @@ def target_logprobs(
     biases: torch.Tensor,
     prefix_reuse: bool = True,
     memory_budget_mb: int = 512,
+    recompute_slack: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Σ log p(target) under each bias row, batched; and the unperturbed value.
 
@@ -196,8 +224,10 @@ def target_logprobs(
     order = sorted(range(len(biases)), key=lambda g: first[g])
     out = torch.empty(len(biases))
     size = _batch_size(model, n, memory_budget_mb * 2**20)
-    for b0 in range(0, len(order), size):
-        batch = order[b0 : b0 + size]
+    slack = recompute_slack
+    if slack is None:
+        slack = CPU_RECOMPUTE_SLACK if ids.device.type == "cpu" else math.inf
+    for batch in _plan_batches(order, first, n, size, slack):
         start = min(min(first[g] for g in batch), min(target) - 1) if prefix_reuse else 0
         past = _slice_cache(cache, start, len(batch)) if start > 0 else None
         hidden = backbone(
@@ -340,7 +370,13 @@ def compute_saliency(
     rows = bias_rows(lm, input_ids, groups, params.factor, params.conceptual_threshold)
     if params.method == "atman":
         perturbed, base = target_logprobs(
-            lm, input_ids, target, rows, params.prefix_reuse, params.memory_budget_mb
+            lm,
+            input_ids,
+            target,
+            rows,
+            params.prefix_reuse,
+            params.memory_budget_mb,
+            params.recompute_slack,
         )
         per_group = base - perturbed
     else:

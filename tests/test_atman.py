@@ -11,6 +11,7 @@ from faithlens.answer import CharSpan, char_span_to_tokens
 from faithlens.atman import (
     SaliencyParams,
     _gradient,
+    _plan_batches,
     atman_rl_saliency,
     bias_rows,
     compute_saliency,
@@ -52,13 +53,14 @@ def _ids(n, seed=0):
 @pytest.mark.parametrize(
     "params",
     [
-        SaliencyParams(target=[44, 45, 46]),
+        SaliencyParams(target=[44, 45, 46]),  # the device's own batch plan
+        SaliencyParams(target=[44, 45, 46], recompute_slack=math.inf),  # batches as wide as memory allows
         SaliencyParams(target=[44, 45, 46], prefix_reuse=False),
         SaliencyParams(target=[44, 45, 46], memory_budget_mb=0),  # batches of one
         SaliencyParams(target=[30, 46], factor=3.0),  # amplification, scattered targets
         SaliencyParams(target=[44, 45, 46], conceptual_threshold=0.1),
     ],
-    ids=["batched", "no_prefix_reuse", "batch_of_one", "amplify", "conceptual"],
+    ids=["default_plan", "batched", "no_prefix_reuse", "batch_of_one", "amplify", "conceptual"],
 )
 def test_exact_batched_equals_naive_loop(tiny_lm, params):
     ids = _ids(47)
@@ -68,6 +70,16 @@ def test_exact_batched_equals_naive_loop(tiny_lm, params):
     flat = torch.tensor([float(got.scores[g[0]]) for g in got.groups])
     torch.testing.assert_close(flat, expected, atol=1e-4, rtol=0)
     assert torch.isnan(got.scores[got.target]).all()
+
+
+def test_batch_plan_bounds_size_and_recomputation():
+    first = [0, 1, 2, 3, 10, 11, 50, 90]
+    order = list(range(len(first)))
+    assert _plan_batches(order, first, 100, 64, math.inf) == [order]
+    assert _plan_batches(order, first, 100, 3, math.inf) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    # slack 0.1: rows within 10 % of the batch's remaining span (100 − start) share it
+    assert _plan_batches(order, first, 100, 64, 0.1) == [[0, 1, 2, 3, 4], [5], [6], [7]]
+    assert _plan_batches(order, first, 100, 64, 0.0) == [[g] for g in order]
 
 
 def test_word_and_sentence_groups_are_suppressed_together(tiny_llama):
