@@ -1,7 +1,8 @@
 """Annotating a response: one streaming scoring pass, then the spec's metrics and flags.
 
-:func:`compute_metrics` is the engine room (used by the trainer too); :func:`analyze` turns its result
-into the public :class:`~faithlens.schema.Analysis`.
+:func:`compute_metrics` is the engine room: a probe (:func:`new_probe`) rides on one forward pass and
+:func:`metrics_from_probe` turns what it saw into metrics and flags (the trainer uses these two on its own
+forward pass); :func:`analyze` turns the result into the public :class:`~faithlens.schema.Analysis`.
 """
 
 from __future__ import annotations
