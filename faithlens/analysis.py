@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -72,18 +72,24 @@ class AnalysisParams:
 
 
 @dataclass
-class SequenceMetrics:
-    """Everything one scoring pass yields, in tensors, before it is dressed as a schema."""
+class ProbeMetrics:
+    """What one probe's vectors yield (spec §2–5): the head split, WAAD, FAI and the flags."""
 
-    input_ids: list[int]
-    prompt_len: int
-    layers: list[int]
     heads: HeadList  # every (layer, head) considered, in probe order
     split: HeadSplit
     head_distance: torch.Tensor  # mean backward distance d per head
     waad: torch.Tensor  # response-relative
     fai: torch.Tensor  # every position, NaN where undefined
     flags: Flags
+
+
+@dataclass
+class SequenceMetrics(ProbeMetrics):
+    """Everything one scoring pass yields, in tensors, before it is dressed as a schema."""
+
+    input_ids: list[int]
+    prompt_len: int
+    layers: list[int]
     logprobs: torch.Tensor | None  # response-relative; NaN for a first token with no context
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -147,18 +153,6 @@ def new_probe(lm: LoadedModel, prompt_len: int, params: AnalysisParams) -> Atten
     )
 
 
-@dataclass
-class ProbeMetrics:
-    """What one probe's vectors yield (spec §2–5): the head split, WAAD, FAI and the flags."""
-
-    heads: HeadList
-    split: HeadSplit
-    head_distance: torch.Tensor
-    waad: torch.Tensor
-    fai: torch.Tensor
-    flags: Flags
-
-
 def metrics_from_probe(probe: AttentionProbe, n: int, params: AnalysisParams) -> ProbeMetrics:
     """Turn a probe that has seen one n-token sequence into the spec's metrics and flags."""
     prompt_len = probe.response_start
@@ -194,15 +188,10 @@ def compute_metrics(
     scored = time.perf_counter()
     found = metrics_from_probe(probe, len(input_ids), params)
     return SequenceMetrics(
+        **{f.name: getattr(found, f.name) for f in fields(found)},
         input_ids=list(input_ids),
         prompt_len=prompt_len,
         layers=probe.layers,
-        heads=found.heads,
-        split=found.split,
-        head_distance=found.head_distance,
-        waad=found.waad,
-        fai=found.fai,
-        flags=found.flags,
         logprobs=logprobs,
         timings={"scoring": scored - started, "metrics": time.perf_counter() - scored},
     )
