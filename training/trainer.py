@@ -5,8 +5,9 @@ policy (continuous batching, a seeded RNG per completion), score rewards, form g
 per token with γ (spec §6), then take one optimiser step on the clipped surrogate. γ's metrics are read
 off the loss's own forward pass (a detached probe on the probed layers' query and key): that pass runs the
 current policy, adapter active, before any update, so it is the spec's scoring pass without paying for a
-second forward. With LoRA dropout on, a separate no-grad pass in eval mode reads them instead. Everything random derives from (seed, step), so a run resumed from a checkpoint
-continues exactly as an uninterrupted one.
+second forward. With LoRA dropout on, a separate no-grad pass in eval mode reads them instead. Everything
+random derives from (seed, step), so a run resumed from a checkpoint continues exactly as an uninterrupted
+one.
 """
 
 from __future__ import annotations
@@ -240,12 +241,11 @@ class Trainer:
 
     def _set_gammas(self, rollouts: list[Rollout], probe: BatchProbe) -> None:
         started = time.perf_counter()
-        params = self._analysis_params()
+        params, c = self._analysis_params(), self.config
         for r, one, n in zip(rollouts, probe.probes, probe.lengths, strict=True):
             if r.gammas is not None:
                 continue
             flags = metrics_from_probe(one, n, params).flags
-            c = self.config
             r.gammas = gamma(flags, len(r.completion_ids), c.credit, c.gamma_amp, c.alpha)
             r.flagged = int((r.gammas != 1).sum())
         self._credit_seconds += probe.seconds + time.perf_counter() - started
