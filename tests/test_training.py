@@ -195,7 +195,7 @@ def test_gamma_from_the_training_forward_equals_a_scoring_pass(lora_dropout):
     assert loss is not None and loss.requires_grad
     for r, want in zip(rollouts, expected, strict=True):
         assert torch.equal(r.gammas, want)
-    assert sum(r.flagged for r in rollouts) > 0
+    assert any((r.gammas != 1).any() for r in rollouts)
 
 
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):

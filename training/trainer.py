@@ -60,7 +60,6 @@ class Rollout:
     r_faith: float | None = None
     advantage: float = 0.0
     gammas: torch.Tensor | None = None  # None until the loss's forward pass has read the metrics
-    flagged: int = 0
 
 
 def attach_lora(lm: LoadedModel, config: TrainConfig) -> None:
@@ -155,7 +154,7 @@ class Trainer:
             "kl": kl_sum / tokens / config.num_iterations,
             "clip_fraction": clipped / tokens / config.num_iterations,
             "gamma_mean": float(all_gammas.mean()) if all_gammas.numel() else 1.0,
-            "flagged_share": sum(r.flagged for r in rollouts) / tokens,
+            "flagged_share": int((all_gammas != 1).sum()) / tokens,
             "completion_length": normaliser.tokens / len(rollouts),
             "step_seconds": time.perf_counter() - started,
             "credit_seconds": self._credit_seconds,
@@ -247,7 +246,6 @@ class Trainer:
                 continue
             flags = metrics_from_probe(one, n, params).flags
             r.gammas = gamma(flags, len(r.completion_ids), c.credit, c.gamma_amp, c.alpha)
-            r.flagged = int((r.gammas != 1).sum())
         self._credit_seconds += probe.seconds + time.perf_counter() - started
 
     @torch.no_grad()
