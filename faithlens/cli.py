@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--index", type=int, default=0, help="which dev question")
     for p in (p_gen, p_demo):
         p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--seed", type=int)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, help="seed of this request's own RNG")
+        p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
     for p in (p_an, p_gen, p_demo):
         _add_model_args(p)
         _add_analysis_args(p)
@@ -152,7 +155,12 @@ def _emit(analysis: Analysis, as_json: bool, extra: dict | None = None) -> None:
 def _generate_and_annotate(lm: LoadedModel, args, prompt: str) -> None:
     prompt_ids = lm.prompt_ids(prompt, chat=args.chat)
     sampling = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        min_new_tokens=args.min_new_tokens,
     )
     gen = generate(lm, prompt_ids, sampling)
     if not gen.token_ids:

@@ -53,17 +53,16 @@ def resolve_adapter(name_or_path: str, store: Path) -> Path:
 
 
 def answers(
-    lm: LoadedModel, problems: list[Problem], adapter: str, max_new_tokens: int
+    lm: LoadedModel,
+    problems: list[Problem],
+    adapter: str,
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
 ) -> list[SequenceState]:
+    """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise)."""
+    params = params or SamplingParams(max_new_tokens=max_new_tokens)
     batch = DecodeBatch(lm)
-    seqs = [
-        SequenceState(
-            lm.prompt_ids(p.question, chat=True),
-            SamplingParams(max_new_tokens=max_new_tokens),
-            adapter=adapter,
-        )
-        for p in problems
-    ]
+    seqs = [SequenceState(lm.prompt_ids(p.question, chat=True), params, adapter=adapter) for p in problems]
     for seq in seqs:
         batch.add(seq)
     while len(batch):
