@@ -30,6 +30,7 @@ from faithlens.metrics import (
 )
 from faithlens.model import LoadedModel, unwrap
 from faithlens.schema import Analysis, AnswerSpan, HeadGroups, Summary, TokenAnnotation
+from faithlens.slicing import checkpoint
 
 HeadList = list[tuple[int, int]]
 
@@ -107,6 +108,7 @@ def _response_logprobs(
     out = torch.full((n - prompt_len,), float("nan"), dtype=torch.float32)
     first = max(prompt_len, 1)
     for t0 in range(first, n, chunk):
+        checkpoint()  # one chunk of the LM head is one unit of work (faithlens.slicing)
         t1 = min(n, t0 + chunk)
         logits = head(hidden[0, t0 - 1 : t1 - 1]).float()
         logp = torch.log_softmax(logits, dim=-1)

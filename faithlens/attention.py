@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from faithlens.slicing import checkpoint
+
 ATTN_IMPLEMENTATION = "faithlens"
 
 
@@ -142,6 +144,7 @@ class AttentionProbe:
         self.fai_sum[layer] = torch.zeros(n_heads, n, dtype=torch.float32, device=q.device)
         chunk = self.row_chunk(n_heads, n)
         for r0 in range(p, n, chunk):
+            checkpoint()  # a row chunk is one unit of work (faithlens.slicing)
             r1 = min(n, r0 + chunk)
             rows_mask = None if attention_mask is None else attention_mask[0, :, r0:r1, :r1]
             probs = self._attention_rows(q[:, r0:r1], k[:, :r1], rows_mask, r0, scale, softcap)

@@ -98,23 +98,16 @@ class LoadedModel:
 
     def chat_prompt_ids(self, messages: Messages) -> list[int]:
         """Token ids of ``messages`` under the chat template, ending with the assistant header."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, messages=messages)
 
     def prompt_ids(
         self, prompt: str | None = None, messages: Messages | None = None, chat: bool = False
     ) -> list[int]:
         """The chat template for ``messages`` (or ``prompt`` with ``chat``), else ``tokenizer(prompt)``."""
-        if messages is not None:
-            return self.chat_prompt_ids(messages)
-        if prompt is None:
-            raise ValueError("give a prompt or messages")
-        if chat:
-            return self.chat_prompt_ids([{"role": "user", "content": prompt}])
-        return self.tokenizer(prompt)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, messages, chat)
 
     def completion_ids(self, completion: str) -> list[int]:
-        return self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return encode_completion(self.tokenizer, completion)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
@@ -126,6 +119,26 @@ class LoadedModel:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: str | None = None, messages: Messages | None = None, chat: bool = False
+) -> list[int]:
+    """The chat template for ``messages`` (or ``prompt`` with ``chat``), else ``tokenizer(prompt)``. A
+    function of the tokenizer, so that tokenizer threads can each run it on their own copy."""
+    if messages is None and prompt is not None and chat:
+        messages = [{"role": "user", "content": prompt}]
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prompt is None:
+        raise ValueError("give a prompt or messages")
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_completion(tokenizer: Any, completion: str) -> list[int]:
+    """A response's token ids, with no special tokens added."""
+    return tokenizer(completion, add_special_tokens=False)["input_ids"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -56,6 +56,26 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1, description="Sequences decoded together in one pass.")
     max_queue: int = Field(default=64, ge=0, description="Requests waiting beyond the batch; then 503.")
     max_prompt_tokens: int = Field(default=4096, ge=1)
+    max_prompt_chars: int = Field(
+        default=65536,
+        ge=1,
+        description="Characters a prompt or completion may have; checked before tokenisation.",
+    )
+    max_analysis_cost: float = Field(
+        default=16000,
+        gt=0,
+        description="Largest analysis cost estimate, in forward-token units (faithlens/cost.py); "
+        "the default keeps one analysis under about a minute on SmolLM2 on two CPU cores.",
+    )
+    analysis_timeout_s: float = Field(
+        default=120, gt=0, description="An analysis not done this long after it was queued fails (504)."
+    )
+    analysis_share: float = Field(
+        default=2.0,
+        gt=0,
+        description="While requests decode, an analysis slice lasts this many times the decode step.",
+    )
+    tokenizer_threads: int = Field(default=2, ge=1, description="Threads that tokenise requests.")
     max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound a request may ask for.")
     max_rl_steps: int = Field(
         default=500, ge=1, description="Upper bound on atman_rl mask steps per request."

@@ -4,6 +4,7 @@ old one only when its last lease is released, so no request fails or changes wei
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faithlens import lora
-from faithlens.model import LoadedModel
-from service.engine import Engine
+from faithlens.engine import EngineClient
 from service.errors import APIError, model_not_found
-from service.metrics import ServiceMetrics
+from service.telemetry import Telemetry
 
 log = logging.getLogger("faithlens.adapters")
 
@@ -32,8 +32,7 @@ class AdapterVersion:
 
 
 class AdapterRegistry:
-    def __init__(self, lm: LoadedModel, engine: Engine, store: Path, metrics: ServiceMetrics) -> None:
-        self.lm = lm
+    def __init__(self, engine: EngineClient, store: Path, metrics: Telemetry) -> None:
         self.engine = engine
         self.store = store
         self.metrics = metrics
@@ -42,6 +41,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._internal_ids = itertools.count(1)
         self._versions = itertools.count(1)
+        self._collecting: set[asyncio.Task] = set()
 
     # -- reads -------------------------------------------------------------------------------------------
     def list(self) -> list[AdapterVersion]:
@@ -59,6 +59,11 @@ class AdapterRegistry:
         def release() -> None:
             with self._lock:
                 version.leases -= 1
+                retired_and_free = version.leases == 0 and version in self._retired
+            if retired_and_free:  # the last request on a swapped-out version ended: detach it now
+                task = asyncio.get_running_loop().create_task(self.collect())
+                self._collecting.add(task)
+                task.add_done_callback(self._collecting.discard)
 
         return version.internal, release
 
@@ -87,7 +92,7 @@ class AdapterRegistry:
                 return current  # a repeated announcement of the version we serve
         internal = f"adapter{next(self._internal_ids)}"
         try:
-            await self.engine.call(lambda: lora.attach(self.lm, resolved, internal))
+            await self.engine.add_adapter(internal, resolved)
         except lora.AdapterFormatError as exc:
             self.metrics.adapter_loads.labels(source, "invalid").inc()
             raise APIError(400, "adapter_invalid", str(exc), "path") from exc
@@ -108,7 +113,7 @@ class AdapterRegistry:
             "adapter loaded",
             extra={"adapter": name, "version": new.version, "path": str(resolved), "source": source},
         )
-        await self.engine.call(self.collect)
+        await self.collect()
         return new
 
     async def unload(self, name: str) -> AdapterVersion:
@@ -118,13 +123,13 @@ class AdapterRegistry:
                 raise model_not_found(name, "name")
             self._retired.append(old)
         log.info("adapter unloaded", extra={"adapter": name, "version": old.version})
-        await self.engine.call(self.collect)
+        await self.collect()
         return old
 
-    def collect(self) -> None:
-        """Detach retired versions nobody holds any more. Runs on the engine thread, between steps."""
+    async def collect(self) -> None:
+        """Detach retired versions nobody holds any more."""
         with self._lock:
             done = [v for v in self._retired if v.leases == 0]
             self._retired = [v for v in self._retired if v.leases > 0]
         for version in done:
-            lora.detach(self.lm, version.internal)
+            await self.engine.remove_adapter(version.internal)

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from faithlens.engine import EngineConfig, LocalEngine
 from faithlens.model import LoadedModel, load_model
 from faithlens.settings import Settings, get_settings
 from service import hotload
 from service.adapters import AdapterRegistry
-from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.metrics import ServiceMetrics
 from service.routes import admin, jobs, native, openai, ops, ui
 from service.state import ServerState
+from service.telemetry import Telemetry
 from training.jobs import JobStore
 
 log = logging.getLogger("faithlens.service")
@@ -30,7 +30,7 @@ log = logging.getLogger("faithlens.service")
 class RequestMetrics:
     """Counts requests and observes latency per route template (not per raw path: bounded labels)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Telemetry) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -53,17 +53,16 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-async def _start(app: FastAPI, settings: Settings, metrics: ServiceMetrics, lm: LoadedModel | None) -> None:
+async def _start(app: FastAPI, settings: Settings, metrics: Telemetry, lm: LoadedModel | None) -> None:
     """Load the model off the event loop, start the engine, then follow the adapter channel."""
     if lm is None:
         lm = await asyncio.to_thread(
             load_model, settings.model, settings.device, settings.dtype, settings.cache_dir
         )
-    engine = Engine(lm, settings.max_batch_size, settings.max_queue, metrics, settings.retry_after_s)
+    engine = LocalEngine(lm, engine_config(settings), metrics)
     settings.adapter_store.mkdir(parents=True, exist_ok=True)
-    registry = AdapterRegistry(lm, engine, settings.adapter_store, metrics)
-    engine.housekeeping = registry.collect
-    engine.start()
+    registry = AdapterRegistry(engine, settings.adapter_store, metrics)
+    await engine.start()
     redis, job_store, celery = None, None, None
     if settings.redis_url:
         import redis.asyncio as aioredis
@@ -73,15 +72,15 @@ async def _start(app: FastAPI, settings: Settings, metrics: ServiceMetrics, lm: 
         job_store = JobStore(settings.redis_url)
         celery = Celery("faithlens-api", broker=settings.redis_url)
     state = ServerState(
-        settings,
-        lm,
-        engine,
-        registry,
-        metrics,
-        settings.served_model_name or lm.name,
-        redis,
-        job_store,
-        celery,
+        settings=settings,
+        engine=engine,
+        adapters=registry,
+        telemetry=metrics,
+        model_name=settings.served_model_name or lm.name,
+        model_root=str(lm.source.directory / (lm.source.gguf_file or "")),
+        redis=redis,
+        jobs=job_store,
+        celery=celery,
     )
     app.state.faithlens = state
     log.info(
@@ -95,9 +94,26 @@ async def _start(app: FastAPI, settings: Settings, metrics: ServiceMetrics, lm: 
         await subscribed.wait()
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's part of the service settings."""
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_new_tokens=settings.max_new_tokens,
+        max_rl_steps=settings.max_rl_steps,
+        max_analysis_cost=settings.max_analysis_cost,
+        analysis_timeout_s=settings.analysis_timeout_s,
+        analysis_share=settings.analysis_share,
+        tokenizer_threads=settings.tokenizer_threads,
+        retry_after_s=settings.retry_after_s,
+    )
+
+
 def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:
     settings = settings or get_settings()
-    metrics = ServiceMetrics()
+    metrics = Telemetry()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,7 +126,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
             task.cancel()
         state = getattr(app.state, "faithlens", None)
         if state is not None:
-            await asyncio.to_thread(state.engine.stop)
+            await state.engine.stop()
             if state.redis is not None:
                 await state.redis.aclose()
 

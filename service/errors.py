@@ -3,7 +3,8 @@
 | status | code | when |
 |---|---|---|
 | 400 | invalid_request | the body fails validation (``param`` names the field) |
-| 400 | context_length_exceeded | prompt or max_new_tokens over the configured limits |
+| 400 | context_length_exceeded | prompt (characters or tokens) or max_new_tokens over the configured limits |
+| 400 | analysis_too_costly | the analysis' cost estimate exceeds FAITHLENS_MAX_ANALYSIS_COST; the message says what fits |
 | 400 | adapter_path_invalid | the path is outside the adapter store |
 | 400 | adapter_invalid | not a safetensors LoRA adapter, or it does not fit the base model |
 | 400 | unsupported | a valid OpenAI option we do not implement (e.g. n > 1) |
@@ -14,7 +15,9 @@
 | 405 | method_not_allowed | wrong HTTP method |
 | 413 | body_too_large | request body over FAITHLENS_MAX_BODY_BYTES |
 | 503 | overloaded | the queue is full; see Retry-After |
+| 499 | cancelled | the client went away (only in logs and metrics: nobody reads the response) |
 | 503 | not_ready | the model is still loading or shutting down |
+| 504 | analysis_timeout | the analysis passed FAITHLENS_ANALYSIS_TIMEOUT_S; its work was dropped |
 | 500 | internal_error | a bug; the message never carries a traceback |
 """
 
@@ -26,6 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from faithlens import engine
 
 log = logging.getLogger("faithlens.service")
 
@@ -62,6 +67,30 @@ def model_not_found(name: str, param: str = "model") -> APIError:
     return APIError(404, "model_not_found", f"no model or adapter named {name!r} is loaded", param)
 
 
+# The engine's errors, as (status, code). The one place they become HTTP.
+_ENGINE_ERRORS: list[tuple[type[engine.EngineError], int, str]] = [
+    (engine.AnalysisTooCostly, 400, "analysis_too_costly"),
+    (engine.ContextLengthExceeded, 400, "context_length_exceeded"),
+    (engine.InvalidRequest, 400, "invalid_request"),
+    (engine.AdapterNotFound, 404, "model_not_found"),
+    (engine.Cancelled, 499, "cancelled"),
+    (engine.Overloaded, 503, "overloaded"),
+    (engine.NotReady, 503, "not_ready"),
+    (engine.DeadlineExceeded, 504, "analysis_timeout"),
+]
+
+
+def from_engine(exc: engine.EngineError, field_names: dict[str, str] | None = None) -> APIError:
+    """The HTTP form of an engine error; ``field_names`` renames engine fields to the client's."""
+    if isinstance(exc, engine.Overloaded):
+        return overloaded(exc.retry_after_s)
+    param = (field_names or {}).get(exc.param or "", exc.param)
+    for kind, status, code in _ENGINE_ERRORS:
+        if isinstance(exc, kind):
+            return APIError(status, code, exc.message, param)
+    return APIError(500, "internal_error", "internal server error")
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 401: "invalid_api_key"}
 
 
@@ -79,6 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(engine.EngineError)
+    async def _engine_error(request: Request, exc: engine.EngineError) -> JSONResponse:
+        return from_engine(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""Prometheus metrics, in a registry the app owns (no process-global collectors)."""
+"""Prometheus telemetry, in a registry the app owns (no process-global collectors). It is also the
+engine's observer (:class:`faithlens.engine.EngineObserver`): the engine reports, this counts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 @dataclass
-class ServiceMetrics:
+class Telemetry:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,9 @@ class ServiceMetrics:
         self.cancelled = Counter(
             "faithlens_cancelled", "Requests dropped because the client went away.", registry=r
         )
+        self.timeouts = Counter(
+            "faithlens_analysis_timeouts", "Analyses dropped at their deadline.", registry=r
+        )
         self.rejected = Counter("faithlens_rejected", "Requests refused with 503 overloaded.", registry=r)
         self.adapter_loads = Counter(
             "faithlens_adapter_loads",
@@ -50,6 +54,31 @@ class ServiceMetrics:
             ["source", "outcome"],
             registry=r,
         )
+
+    # -- EngineObserver ------------------------------------------------------------------------------------
+    def on_step(self, batch_size: int) -> None:
+        self.batch_size.observe(batch_size)
+
+    def on_prompt(self, tokens: int) -> None:
+        self.prompt_tokens.inc(tokens)
+
+    def on_generated(self, tokens: int) -> None:
+        self.generated_tokens.inc(tokens)
+
+    def on_queue(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def on_analysis(self, seconds: float) -> None:
+        self.analysis_seconds.observe(seconds)
+
+    def on_cancelled(self) -> None:
+        self.cancelled.inc()
+
+    def on_rejected(self) -> None:
+        self.rejected.inc()
+
+    def on_timeout(self) -> None:
+        self.timeouts.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -291,7 +291,7 @@ BAD = [
         {"prompt": "x", "analysis": {"layers": [99]}, "max_new_tokens": 2},
         400,
         "invalid_request",
-        "analysis",
+        "analysis.layers",
     ),
     ("/v1/generate", {"prompt": "x", "surprise": 1}, 400, "invalid_request", "surprise"),
     ("/v1/analyze", {"prompt": "x"}, 400, "invalid_request", "completion"),

@@ -28,9 +28,9 @@ async def list_models(request: Request) -> dict:
         "object": "model",
         "created": state.started_at,
         "owned_by": "faithlens",
-        "root": str(state.lm.source.directory / (state.lm.source.gguf_file or "")),
+        "root": state.model_root,
         "parent": None,
-        "max_model_len": state.max_model_len,
+        "max_model_len": state.engine.max_model_len,
     }
     adapters = [
         {
@@ -41,7 +41,7 @@ async def list_models(request: Request) -> dict:
             "root": str(v.path),
             "parent": state.model_name,
             "version": v.version,
-            "max_model_len": state.max_model_len,
+            "max_model_len": state.engine.max_model_len,
         }
         for v in state.adapters.list()
     ]

@@ -4,45 +4,51 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from faithlens.engine import AnalysisRequest, GenerationRequest, Prompt, RequestOutput, new_request_id
 from faithlens.generation import SamplingParams
 from service.auth import require
-from service.engine import Job
-from service.errors import APIError
-from service.schemas import AnalyzeRequest, ErrorResponse, GenerateRequest, GenerateResponse, Timings, Usage
-from service.state import (
-    ServerState,
-    check_new_tokens,
-    filter_metrics,
-    finish,
-    get_state,
-    new_job,
-    tokenize_prompt,
+from service.schemas import (
+    AnalysisOptions,
+    AnalyzeRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    PromptInput,
+    Timings,
+    Usage,
 )
+from service.state import ServerState, analysis_spec, get_state, leased_adapter, present, until_disconnected
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)}
 router = APIRouter(
     prefix="/v1", tags=["faithlens"], responses=ERRORS, dependencies=[Depends(require("infer"))]
 )
 
 
-def _response(state: ServerState, job: Job, kind: str, options) -> GenerateResponse:
-    completion = len(job.response_ids)
-    annotations = filter_metrics(job.annotations, options) if job.annotations is not None else None
-    if annotations is not None:
-        annotations.model = state.model_name
+def _prompt(body: PromptInput) -> Prompt:
+    return Prompt(body.prompt, body.message_dicts(), body.chat)
+
+
+def _response(
+    state: ServerState,
+    output: RequestOutput,
+    kind: str,
+    adapter: str | None,
+    options: AnalysisOptions | None,
+) -> GenerateResponse:
+    prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
+    annotations = output.analysis
+    if annotations is not None and options is not None:
+        annotations = present(annotations, options, state.model_name, adapter)
     return GenerateResponse(
-        id=job.id,
+        id=output.request_id,
         object=kind,
         model=state.model_name,
-        adapter=job.adapter_name,
-        text=job.seq.text if job.seq is not None else state.lm.tokenizer.decode(job.completion_ids),
-        finish_reason=job.seq.finish_reason if job.seq is not None else None,
-        usage=Usage(
-            prompt_tokens=len(job.prompt_ids),
-            completion_tokens=completion,
-            total_tokens=len(job.prompt_ids) + completion,
-        ),
-        timings=Timings(**job.timings()),
+        adapter=adapter,
+        text=output.text,
+        finish_reason=output.finish_reason,
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
+        timings=Timings(**vars(output.timings)),
         annotations=annotations,
     )
 
@@ -51,8 +57,6 @@ def _response(state: ServerState, job: Job, kind: str, options) -> GenerateRespo
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     """Generate a continuation, annotated per token when ``analysis`` is given."""
     state = get_state(request)
-    prompt_ids = await tokenize_prompt(state, body.prompt, body.message_dicts(), body.chat)
-    check_new_tokens(state, len(prompt_ids), body.max_new_tokens, "max_new_tokens")
     sampling = SamplingParams(
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
@@ -60,22 +64,26 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         seed=body.seed,
         stop=body.stop_list(),
     )
-    job = new_job(state, prompt_ids, sampling, body.adapter, body.analysis)
-    await finish(job, request)
-    return _response(state, job, "faithlens.generation", body.analysis)
+    async with leased_adapter(state, body.adapter, "adapter") as adapter:
+        engine_request = GenerationRequest(
+            _prompt(body), sampling, adapter, analysis_spec(body.analysis), request_id=new_request_id("gen")
+        )
+        output = await until_disconnected(state.engine.generate(engine_request), request)
+    return _response(state, output, "faithlens.generation", body.adapter, body.analysis)
 
 
 @router.post("/analyze", response_model=GenerateResponse, response_model_by_alias=True)
 async def analyze(body: AnalyzeRequest, request: Request) -> GenerateResponse:
     """Annotate a completion the client already has (no generation)."""
     state = get_state(request)
-    prompt_ids = await tokenize_prompt(state, body.prompt, body.message_dicts(), body.chat)
-    completion_ids = await state.engine.call(lambda: state.lm.completion_ids(body.completion))
-    if not completion_ids:
-        raise APIError(400, "invalid_request", "the completion is empty after tokenisation", "completion")
-    total = len(prompt_ids) + len(completion_ids)
-    if total > state.max_model_len or len(completion_ids) > state.settings.max_prompt_tokens:
-        raise APIError(400, "context_length_exceeded", f"prompt + completion is {total} tokens", "completion")
-    job = new_job(state, prompt_ids, None, body.adapter, body.analysis, completion_ids)
-    await finish(job, request)
-    return _response(state, job, "faithlens.analysis", body.analysis)
+    async with leased_adapter(state, body.adapter, "adapter") as adapter:
+        engine_request = AnalysisRequest(
+            _prompt(body), body.completion, analysis_spec(body.analysis), adapter, new_request_id("ana")
+        )
+        output = await until_disconnected(_one(state.engine.analyze(engine_request)), request)
+    return _response(state, output, "faithlens.analysis", body.adapter, body.analysis)
+
+
+async def _one(awaitable):
+    """An awaitable's result as a one-item async iterator (so one disconnect watcher serves both)."""
+    yield await awaitable

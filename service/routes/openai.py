@@ -4,6 +4,7 @@ streaming, one last chunk (``choices: []``) before ``data: [DONE]``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,10 +13,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from faithlens.engine import (
+    EngineError,
+    GenerationRequest,
+    Prompt,
+    RequestOutput,
+    TokenOutput,
+    new_request_id,
+)
 from faithlens.generation import SamplingParams
 from service.auth import require
-from service.engine import Job, TokenOut
-from service.errors import APIError
+from service.errors import from_engine
 from service.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,57 +34,58 @@ from service.openai_schemas import (
 from service.routes.native import ERRORS
 from service.state import (
     ServerState,
-    check_new_tokens,
-    filter_metrics,
-    finish,
+    analysis_spec,
     get_state,
-    new_job,
+    leased_adapter,
+    present,
     resolve_model,
-    tokenize_prompt,
+    until_disconnected,
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS, dependencies=[Depends(require("infer"))])
 
 
-def _sampling(
-    state: ServerState, body: _Common, prompt_len: int, requested: int | None, top: int
-) -> SamplingParams:
+def _request(
+    state: ServerState, body: _Common, prompt: Prompt, adapter: str | None, requested: int | None, top: int
+) -> GenerationRequest:
     """``max_tokens`` unset means what is left of the context (as vLLM), capped by the server limit."""
     param = (
         "max_completion_tokens"
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens
         else "max_tokens"
     )
-    max_new = requested or min(state.settings.max_new_tokens, state.max_model_len - prompt_len)
-    check_new_tokens(state, prompt_len, max_new, param)
-    return SamplingParams(
-        max_new_tokens=max_new,
+    sampling = SamplingParams(
+        max_new_tokens=requested or state.settings.max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_list(),
         top_logprobs=top,
     )
+    return GenerationRequest(
+        prompt,
+        sampling,
+        adapter,
+        analysis_spec(body.faithlens),
+        fit_context=requested is None,
+        request_id=new_request_id("gen"),
+        field_names={"max_new_tokens": param, "adapter": "model"},
+    )
 
 
-def _usage(job: Job) -> dict[str, int]:
-    completion = len(job.response_ids)
-    return {
-        "prompt_tokens": len(job.prompt_ids),
-        "completion_tokens": completion,
-        "total_tokens": len(job.prompt_ids) + completion,
-    }
+def _usage(output: RequestOutput) -> dict[str, int]:
+    prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _annotations(job: Job, body: _Common, state: ServerState) -> dict[str, Any] | None:
-    if job.annotations is None or body.faithlens is None:
+def _annotations(output: RequestOutput, body: _Common, state: ServerState) -> dict[str, Any] | None:
+    if output.analysis is None or body.faithlens is None:
         return None
-    analysis = filter_metrics(job.annotations, body.faithlens)
-    analysis.model = state.model_name
-    return analysis.to_json_dict()
+    adapter = resolve_model(state, body.model)
+    return present(output.analysis, body.faithlens, state.model_name, adapter).to_json_dict()
 
 
-def _split(tokens: list[TokenOut]) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
+def _split(tokens: list[TokenOutput]) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
     return [t.text for t in tokens], [t.logprob for t in tokens], [t.top for t in tokens]
 
 
@@ -84,81 +93,71 @@ def _split(tokens: list[TokenOut]) -> tuple[list[str], list[float], list[list[tu
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     body.check_supported()
     state = get_state(request)
-    adapter = resolve_model(state, body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = await tokenize_prompt(state, None, messages, False)
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    sampling = _sampling(state, body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, top)
-    job = new_job(state, prompt_ids, sampling, adapter, body.faithlens, adapter_param="model")
+    requested = body.max_completion_tokens or body.max_tokens
+    engine_request = _request(state, body, Prompt(messages=messages), None, requested, top)
+    response_id = engine_request.request_id.replace("gen-", "chatcmpl-")
     model = body.model or state.model_name
     created = int(time.time())
-    job_id = job.id.replace("gen-", "chatcmpl-")
 
-    def logprobs_of(tokens: list[TokenOut]) -> dict | None:
+    def logprobs_of(tokens: list[TokenOutput]) -> dict | None:
         return chat_logprobs(*_split(tokens)) if body.logprobs else None
 
+    def chunk(choices: list[dict], **extra: Any) -> dict:
+        return {
+            "id": response_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+        }
+
+    def delta(content: dict, tokens: list[TokenOutput], finish_reason: str | None = None) -> dict:
+        choice = {
+            "index": 0,
+            "delta": content,
+            "logprobs": logprobs_of(tokens) if tokens else None,
+            "finish_reason": finish_reason,
+        }
+        return chunk([choice])
+
     if body.stream:
-
-        def chunk(choices: list[dict], **extra: Any) -> dict:
-            return {
-                "id": job_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": choices,
-                **extra,
-            }
-
-        def delta(content: dict, tokens: list[TokenOut], finish_reason: str | None = None) -> dict:
-            return chunk(
-                [
-                    {
-                        "index": 0,
-                        "delta": content,
-                        "logprobs": logprobs_of(tokens) if tokens else None,
-                        "finish_reason": finish_reason,
-                    }
-                ]
-            )
-
-        first = delta({"role": "assistant", "content": ""}, [])
-        return _event_stream(
-            job,
-            body,
+        return await _event_stream(
             state,
-            first,
+            engine_request,
+            body,
+            delta({"role": "assistant", "content": ""}, []),
             lambda text, toks: delta({"content": text}, toks),
             lambda reason: delta({}, [], reason),
             chunk,
         )
-
-    await finish(job, request)
-    assert job.seq is not None
-    message = {"role": "assistant", "content": job.seq.text, "refusal": None}
+    output, tokens = await _complete(state, engine_request, body, request)
+    message = {"role": "assistant", "content": output.text, "refusal": None}
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": logprobs_of(job.tokens_out),
-        "finish_reason": job.seq.finish_reason,
+        "logprobs": logprobs_of(tokens),
+        "finish_reason": output.finish_reason,
     }
-    return _final(job, body, state, job_id, "chat.completion", created, model, choice)
+    return _final(output, body, state, response_id, "chat.completion", created, model, choice)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     body.check_supported()
     state = get_state(request)
-    adapter = resolve_model(state, body.model)
-    prompt_ids = await tokenize_prompt(state, body.prompt_text(), None, False)
-    sampling = _sampling(state, body, len(prompt_ids), body.max_tokens, body.logprobs or 0)
-    job = new_job(state, prompt_ids, sampling, adapter, body.faithlens, adapter_param="model")
+    engine_request = _request(
+        state, body, Prompt(body.prompt_text()), None, body.max_tokens, body.logprobs or 0
+    )
+    response_id = engine_request.request_id.replace("gen-", "cmpl-")
     model = body.model or state.model_name
     created = int(time.time())
-    job_id = job.id.replace("gen-", "cmpl-")
     offset = 0
 
-    def logprobs_of(tokens: list[TokenOut]) -> dict | None:
+    def logprobs_of(tokens: list[TokenOutput]) -> dict | None:
         nonlocal offset
         if body.logprobs is None:
             return None
@@ -166,51 +165,65 @@ async def completions(body: CompletionRequest, request: Request):
         offset += sum(len(t.text) for t in tokens)
         return out
 
-    def choice(text: str, tokens: list[TokenOut], finish_reason: str | None) -> dict:
+    def choice(text: str, tokens: list[TokenOutput], finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": logprobs_of(tokens), "finish_reason": finish_reason}
 
+    def chunk(choices: list[dict], **extra: Any) -> dict:
+        return {
+            "id": response_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **extra,
+        }
+
     if body.stream:
-
-        def chunk(choices: list[dict], **extra: Any) -> dict:
-            return {
-                "id": job_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": choices,
-                **extra,
-            }
-
-        return _event_stream(
-            job,
-            body,
+        return await _event_stream(
             state,
+            engine_request,
+            body,
             None,
             lambda text, toks: chunk([choice(text, toks, None)]),
             lambda reason: chunk([choice("", [], reason)]),
             chunk,
         )
-
-    await finish(job, request)
-    assert job.seq is not None
+    output, tokens = await _complete(state, engine_request, body, request)
     return _final(
-        job,
+        output,
         body,
         state,
-        job_id,
+        response_id,
         "text_completion",
         created,
         model,
-        choice(job.seq.text, job.tokens_out, job.seq.finish_reason),
+        choice(output.text, tokens, output.finish_reason),
     )
 
 
+async def _complete(
+    state: ServerState, engine_request: GenerationRequest, body: _Common, request: Request
+) -> tuple[RequestOutput, list[TokenOutput]]:
+    """Run a non-streaming request to its end: its last output and every generated token."""
+    tokens: list[TokenOutput] = []
+
+    async def outputs() -> AsyncIterator[RequestOutput]:
+        async with leased_adapter(state, resolve_model(state, body.model), "model") as adapter:
+            engine_request.adapter = adapter
+            async for output in state.engine.generate(engine_request):
+                tokens.extend(output.new_tokens)
+                yield output
+
+    output = await until_disconnected(outputs(), request, engine_request.field_names)
+    return output, tokens
+
+
 def _final(
-    job: Job,
+    output: RequestOutput,
     body: _Common,
     state: ServerState,
-    job_id: str,
+    response_id: str,
     kind: str,
     created: int,
     model: str,
@@ -218,15 +231,15 @@ def _final(
 ) -> JSONResponse:
     """The non-streaming answer: one choice, usage, and the annotations when they were asked for."""
     payload = {
-        "id": job_id,
+        "id": response_id,
         "object": kind,
         "created": created,
         "model": model,
         "system_fingerprint": None,
         "choices": [choice],
-        "usage": _usage(job),
+        "usage": _usage(output),
     }
-    if (annotations := _annotations(job, body, state)) is not None:
+    if (annotations := _annotations(output, body, state)) is not None:
         payload["faithlens"] = annotations
     return JSONResponse(payload)
 
@@ -235,38 +248,58 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def _event_stream(
-    job: Job,
-    body: _Common,
+async def _event_stream(
     state: ServerState,
+    engine_request: GenerationRequest,
+    body: _Common,
     first: dict | None,
-    on_delta: Callable[[str, list[TokenOut]], dict],
+    on_delta: Callable[[str, list[TokenOutput]], dict],
     on_finish: Callable[[str], dict],
     chunk: Callable[..., dict],
 ) -> StreamingResponse:
-    """OpenAI's SSE framing. If the client goes away, the generator is closed and the job cancelled."""
+    """OpenAI's SSE framing. The first output is awaited before the response starts, so errors of
+    admission (unknown model, limits, overload) keep their HTTP status; later errors become an error
+    event. If the client goes away, the generator is closed, which aborts the request."""
+    lease = leased_adapter(state, resolve_model(state, body.model), "model")
+    engine_request.adapter = await lease.__aenter__()
+    outputs = state.engine.generate(engine_request)
+    try:
+        head = await anext(outputs)
+    except BaseException as exc:
+        await lease.__aexit__(None, None, None)
+        if isinstance(exc, EngineError):
+            raise from_engine(exc, engine_request.field_names) from exc
+        raise
+
+    async def rest() -> AsyncIterator[RequestOutput]:
+        yield head
+        async for output in outputs:
+            yield output
 
     async def stream() -> AsyncIterator[str]:
+        finish_sent = False
+        last: RequestOutput | None = None
         try:
             if first is not None:
                 yield _sse(first)
-            async for event in job.events():
-                if event.kind == "delta":
-                    yield _sse(on_delta(event.text, event.tokens))
-                elif event.kind == "generated":
-                    assert job.seq is not None
-                    yield _sse(on_finish(job.seq.finish_reason or "stop"))
-                elif event.kind == "error":
-                    error = job.error or APIError(500, "internal_error", "internal server error")
-                    yield _sse(error.body())
-                    return
-            if (annotations := _annotations(job, body, state)) is not None:
+            async for output in rest():
+                last = output
+                if output.delta or output.new_tokens:
+                    yield _sse(on_delta(output.delta, output.new_tokens))
+                if output.finish_reason is not None and not finish_sent:
+                    finish_sent = True
+                    yield _sse(on_finish(output.finish_reason))
+            assert last is not None
+            if (annotations := _annotations(last, body, state)) is not None:
                 yield _sse(chunk([], faithlens=annotations))
             if body.include_usage:
-                yield _sse(chunk([], usage=_usage(job)))
+                yield _sse(chunk([], usage=_usage(last)))
             yield _sse("[DONE]")
+        except EngineError as exc:
+            yield _sse(from_engine(exc, engine_request.field_names).body())
         finally:
-            if job.finished_at is None:
-                job.cancel()
+            with contextlib.suppress(BaseException):
+                await outputs.aclose()  # type: ignore[attr-defined]
+            await lease.__aexit__(None, None, None)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

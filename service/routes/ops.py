@@ -21,7 +21,8 @@ async def healthz() -> dict:
 async def readyz(request: Request) -> JSONResponse:
     """The model is loaded, the engine runs, and Redis answers (when configured)."""
     state = getattr(request.app.state, "faithlens", None)
-    checks = {"model": state is not None, "engine": bool(state and state.engine.alive), "redis": "disabled"}
+    engine_ready = state is not None and state.engine.health().ready
+    checks = {"model": state is not None, "engine": engine_ready, "redis": "disabled"}
     if state is not None and state.redis is not None:
         try:
             checks["redis"] = bool(await asyncio.wait_for(state.redis.ping(), timeout=1.0))
@@ -36,5 +37,5 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = getattr(request.app.state, "faithlens", None)
-    body = state.metrics.render() if state is not None else b""
+    body = state.telemetry.render() if state is not None else b""
     return Response(body, media_type=CONTENT_TYPE_LATEST)
