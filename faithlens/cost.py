@@ -10,7 +10,7 @@ the work each method really does (spec §1, §7, §8):
   (the prefix before it comes from the KV cache);
 * ``atman_grad``: one forward and one backward (about three forwards);
 * ``atman_rl``: ``rl_steps`` forward+backward passes over the part after the prompt;
-* the counterfactual check: two more suppressed passes.
+* the counterfactual check: one unperturbed pass and two suppressed ones from the response on.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def saliency_cost(texts: list[str], prompt_len: int, params: SaliencyParams) -> 
     the method will resolve it, so the estimate counts the same groups the method suppresses)."""
     n = len(texts)
     target = resolve_target(texts, prompt_len, params.target)
-    counterfactual = 2 * _pass(n - min(target) + 1, n)
+    # the counterfactual check: an unperturbed pass, then top-k and random-k suppressed from the response on
+    counterfactual = _pass(n, n) + 2 * _pass(n - prompt_len, n)
     if params.method == "atman_grad":
         return BACKWARD_FACTOR * _pass(n, n) + counterfactual
     if params.method == "atman_rl":
