@@ -52,7 +52,7 @@ def test_sliced_analysis_equals_unsliced_bit_for_bit(tiny_lm, method):
     response_ids = tiny_lm.completion_ids(COMPLETION)
     direct = analyze(tiny_lm, prompt_ids, response_ids, spec.params, saliency=spec.saliency)
 
-    async def run() -> tuple:
+    async def run():
         engine = LocalEngine(tiny_lm, EngineConfig(analysis_share=1e-9, idle_slice_s=0.0))
         await engine.start()
         try:
@@ -66,11 +66,11 @@ def test_sliced_analysis_equals_unsliced_bit_for_bit(tiny_lm, method):
             ]
             analysis = engine.analyze(AnalysisRequest(Prompt(PROMPT), COMPLETION, spec))
             results = await asyncio.gather(analysis, *streams)
-            return results[0], engine
+            return results[0]
         finally:
             await engine.stop()
 
-    output, engine = asyncio.run(run())
+    output = asyncio.run(run())
     assert output.token_ids == response_ids
     assert _without_timings(output.analysis) == _without_timings(direct)
 
