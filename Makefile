@@ -39,6 +39,7 @@ bench-smoke: setup
 	$(PY) bench/atman.py --smoke
 	$(PY) bench/serve.py --smoke
 	$(PY) bench/grpo.py --smoke
+	$(PY) bench/decode.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""Decode cost against context length: our DecodeBatch beside HF ``generate`` with a static cache.
+
+For each context length L, a prompt of L token ids is prefilled (not timed) and then K tokens are
+decoded greedily, one row:
+
+* ours: ``DecodeBatch.add`` (prefill + first token), then K timed ``step()`` calls;
+* HF: ``model.generate(..., cache_implementation="static", max_new_tokens=1+K)`` on the same model
+  object, with a streamer that timestamps every token; the time from the first new token to the last,
+  divided by K, is K pure decode steps (the prefill, which precedes the first token, is excluded).
+
+Both sides run on the same weights, attention implementation and threads, interleaved per repeat; the
+figures are medians over the repeats. EOS is masked (``min_new_tokens``) so both decode exactly 1+K.
+On a CPU, HF does not compile the static-cache forward (it auto-compiles only on accelerators), so both
+run eager.
+
+    python bench/decode.py                  # SmolLM2 at 256, 1024 and 4096 tokens of context
+    python bench/decode.py --smoke          # CI: tiny model, small lengths, proves it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine, print_table
+from faithlens.batching import DecodeBatch, SequenceState
+from faithlens.generation import SamplingParams
+from faithlens.model import LoadedModel, load_model
+from faithlens.settings import get_settings
+from faithlens.tiny import tiny_loaded_model
+
+
+class Stamps(BaseStreamer):
+    """Records when ``generate`` hands out each chunk (the prompt first, then one token per step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prompt_of(lm: LoadedModel, length: int, seed: int = 0) -> list[int]:
+    """``length`` token ids drawn from the vocabulary, no special tokens."""
+    rng = random.Random(seed)
+    specials = set(lm.tokenizer.all_special_ids)
+    vocab = lm.model.config.vocab_size
+    ids: list[int] = []
+    while len(ids) < length:
+        token = rng.randrange(vocab)
+        if token not in specials:
+            ids.append(token)
+    return ids
+
+
+def ours_ms_per_token(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[float, list[int]]:
+    batch = DecodeBatch(lm)
+    seq = SequenceState(prompt, SamplingParams(max_new_tokens=1 + steps, min_new_tokens=1 + steps))
+    batch.add(seq)
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        batch.step()
+    sync()
+    assert len(seq.token_ids) == 1 + steps and not len(batch)
+    return 1000 * (time.perf_counter() - started) / steps, seq.token_ids
+
+
+@torch.inference_mode()
+def hf_static_ms_per_token(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt], device=lm.device)
+    stamps = Stamps()
+    out = lm.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=1 + steps,
+        min_new_tokens=1 + steps,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=lm.tokenizer.pad_token_id,
+        eos_token_id=sorted(lm.eos_token_ids),
+        streamer=stamps,
+    )
+    assert len(stamps.times) == 2 + steps  # the prompt, the first token, then one per decode step
+    return 1000 * (stamps.times[-1] - stamps.times[1]) / steps, out[0, len(prompt) :].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps after the prefill")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians reported")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        args.lengths, args.steps, args.repeats = [32, 64, 128], 8, 1
+        lm = tiny_loaded_model("llama")
+    else:
+        lm = load_model(None, cache_dir=get_settings().cache_dir)
+    print("machine:", machine())
+    print(f"model: {lm.name} ({lm.dtype}, {lm.device}), {args.steps} decode steps, {args.repeats} repeats")
+
+    prompts = {n: prompt_of(lm, n) for n in args.lengths}
+    ours_ms_per_token(lm, prompts[args.lengths[0]], 2)  # warm-up
+    hf_static_ms_per_token(lm, prompts[args.lengths[0]], 2)
+    ours: dict[int, list[float]] = {n: [] for n in args.lengths}
+    hf: dict[int, list[float]] = {n: [] for n in args.lengths}
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for n in args.lengths:
+            ms, our_tokens = ours_ms_per_token(lm, prompts[n], args.steps)
+            ours[n].append(ms)
+            ms, hf_tokens = hf_static_ms_per_token(lm, prompts[n], args.steps)
+            hf[n].append(ms)
+            agree = sum(a == b for a, b in zip(our_tokens, hf_tokens, strict=True))
+            print(
+                f"  L={n}: ours {ours[n][-1]:.2f} ms/token, HF static {ms:.2f}; {agree}/{len(hf_tokens)} same tokens"
+            )
+
+    med = {n: (statistics.median(ours[n]), statistics.median(hf[n])) for n in args.lengths}
+    print_table(
+        f"Decode cost vs context length, {lm.name}, one row, greedy (median of {args.repeats})",
+        ["context tokens", "ours ms/token", "HF static ms/token", "ours / HF static"],
+        [[n, o, h, o / h] for n, (o, h) in med.items()],
+    )
+    first, last = args.lengths[0], args.lengths[-1]
+    print(f"\nours@{last} / ours@{first}: {med[last][0] / med[first][0]:.2f} (target ≤ 2)")
+    print(f"HF static@{last} / HF static@{first}: {med[last][1] / med[first][1]:.2f}")
+    for n, (o, h) in med.items():
+        print(f"ours / HF static @ {n}: {o / h:.2f} (target ≤ 1)")
+
+
+if __name__ == "__main__":
+    main()
