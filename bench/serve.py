@@ -1,17 +1,24 @@
-"""Serving: eight concurrent clients against eight sequential requests, on one server in one run.
+"""Serving, on one server in one run.
 
-Reports wall time for each mode (and their ratio: the batching gain), p50/p95 request latency, generated
-tokens/s, and the cost of annotation per request (the same requests with ``analysis: {}``).
+Part ``batching``: eight concurrent clients against eight sequential requests. Reports wall time for each
+mode (and their ratio: the batching gain), p50/p95 request latency, generated tokens/s, and the cost of
+annotation per request (the same requests with ``analysis: {}``).
 
-    python bench/serve.py                      # tiny model (the acceptance target: ratio ≤ 0.6)
-    python bench/serve.py --model smollm       # the embedded SmolLM2
-    python bench/serve.py --smoke              # CI: tiny sizes, proves it runs
+Part ``latency``: does a heavy analysis freeze the streams? Four streaming clients' inter-token latency
+(p50, p95) idle and while one exact-AtMan analysis of about 512 tokens runs, and that analysis' own time
+alone and under the streams' load. Targets: p95 under the analysis ≤ 4× idle; the analysis under load ≤ 2×
+alone.
+
+    python bench/serve.py --part batching                 # tiny model (target: ratio ≤ 0.6)
+    python bench/serve.py --part latency --model smollm   # the engine issue's targets
+    python bench/serve.py --smoke                         # CI: tiny sizes, proves both parts run
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -22,9 +29,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, print_table
+from bench.common import ROOT, machine, print_table
 from faithlens.tiny import save_tiny
 from tests.servers import start_server
+
+DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,6 +76,119 @@ async def concurrent(url: str, requests: list[dict]) -> tuple[float, list[float]
     return time.perf_counter() - started, [r[0] for r in results], sum(r[1] for r in results)
 
 
+def analysis_text(target_chars: int) -> tuple[str, str]:
+    """A GSM8K dev question and worked answers run together to about ``target_chars`` characters, ending
+    with the last answer's ``#### N`` line (so the saliency target is the answer)."""
+    rows = [json.loads(line) for line in DEV.read_text().splitlines()[:40]]
+    question, parts = rows[0]["question"], []
+    for row in rows:
+        parts.append(row["answer"].split("####")[0].strip())
+        if sum(len(p) for p in parts) >= target_chars:
+            break
+    return question, "\n".join(parts) + "\n#### " + rows[0]["answer"].split("####")[1].strip()
+
+
+async def stream_once(
+    client: httpx.AsyncClient, prompt: str, max_tokens: int, gaps: list[tuple[float, float]]
+):
+    """One streamed completion; records (arrival time, gap since the previous token chunk)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    previous = None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or []
+            if not choices or not choices[0].get("text"):
+                continue
+            now = time.perf_counter()
+            if previous is not None:
+                gaps.append((now, now - previous))
+            previous = now
+
+
+async def streamers(url: str, clients: int, max_tokens: int, stop: asyncio.Event, rounds: int | None):
+    """``clients`` loops of streamed completions, until ``stop`` is set (or ``rounds`` each)."""
+    gaps: list[tuple[float, float]] = []
+
+    async def loop(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            done = 0
+            while not stop.is_set() and (rounds is None or done < rounds):
+                await stream_once(
+                    c, f"Client {i}, round {done}: write a long story about numbers.", max_tokens, gaps
+                )
+                done += 1
+
+    await asyncio.gather(*(loop(i) for i in range(clients)))
+    return gaps
+
+
+async def analyse(url: str, body: dict) -> tuple[float, int]:
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+        started = time.perf_counter()
+        r = await c.post("/v1/analyze", json=body)
+        r.raise_for_status()
+        return time.perf_counter() - started, r.json()["usage"]["total_tokens"]
+
+
+async def under_load(url: str, clients: int, max_tokens: int, body: dict):
+    stop = asyncio.Event()
+    load = asyncio.create_task(streamers(url, clients, max_tokens, stop, None))
+    await asyncio.sleep(1.0)  # the streams are flowing
+    started = time.perf_counter()
+    seconds, tokens = await analyse(url, body)
+    ended = time.perf_counter()
+    stop.set()
+    gaps = await load
+    return seconds, tokens, [gap for at, gap in gaps if started <= at <= ended]
+
+
+def latency_part(url: str, args) -> None:
+    question, completion = analysis_text(args.analysis_chars)
+    saliency = {"method": "atman", "granularity": args.granularity}
+    body = {"prompt": question, "completion": completion, "chat": True, "analysis": {"saliency": saliency}}
+    asyncio.run(streamers(url, 1, 4, asyncio.Event(), 1))  # warm-up
+    idle: list[float] = []
+    alone: list[float] = []
+    loaded: list[float] = []
+    during: list[float] = []
+    tokens = 0
+    for _ in range(args.repeats):  # interleaved, so drift hits every mode alike
+        idle += [
+            gap
+            for _, gap in asyncio.run(streamers(url, args.streams, args.stream_tokens, asyncio.Event(), 2))
+        ]
+        seconds, tokens = asyncio.run(analyse(url, body))
+        alone.append(seconds)
+        seconds, tokens, gaps = asyncio.run(under_load(url, args.streams, args.stream_tokens, body))
+        loaded.append(seconds)
+        during += gaps
+    rows = [
+        ["streams idle", percentile(idle, 0.5) * 1e3, percentile(idle, 0.95) * 1e3, len(idle), "-"],
+        [
+            "streams during the analysis",
+            percentile(during, 0.5) * 1e3,
+            percentile(during, 0.95) * 1e3,
+            len(during),
+            "-",
+        ],
+        ["analysis alone", "-", "-", "-", statistics.median(alone)],
+        ["analysis under the streams", "-", "-", "-", statistics.median(loaded)],
+    ]
+    print_table(
+        f"Inter-token latency of {args.streams} streaming clients and one exact-AtMan analysis of {tokens} tokens "
+        f"(granularity {args.granularity}, {args.model} model, {args.repeats} round(s))",
+        ["mode", "ITL p50 ms", "ITL p95 ms", "gaps", "analysis s"],
+        rows,
+    )
+    itl_ratio = percentile(during, 0.95) / percentile(idle, 0.95)
+    analysis_ratio = statistics.median(loaded) / statistics.median(alone)
+    print(f"\np95 ITL during the analysis / idle: {itl_ratio:.2f} (target ≤ 4)")
+    print(f"analysis under load / alone: {analysis_ratio:.2f} (target ≤ 2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,27 +197,46 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of each mode")
+    parser.add_argument("--part", choices=["batching", "latency", "all"], default="all")
+    parser.add_argument("--streams", type=int, default=4, help="latency: streaming clients")
+    parser.add_argument("--stream-tokens", type=int, default=64, help="latency: tokens per streamed request")
+    parser.add_argument("--analysis-chars", type=int, default=2000, help="latency: ≈ 512 SmolLM2 tokens")
+    parser.add_argument("--granularity", choices=["token", "word", "sentence"], default="sentence")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
         args.new_tokens, args.repeats, args.clients = 8, 1, 4
+        args.stream_tokens, args.analysis_chars = 8, 200
     print("machine:", machine())
     work = Path(tempfile.mkdtemp(prefix="faithlens-bench-serve-"))
     model = save_tiny(work / "tiny-llama") if args.model == "tiny" else None
     server = start_server(
-        work, model, FAITHLENS_MAX_BATCH_SIZE=str(max(8, args.clients)), FAITHLENS_LOG_LEVEL="WARNING"
+        work,
+        model,
+        FAITHLENS_MAX_BATCH_SIZE=str(max(8, args.clients)),
+        FAITHLENS_LOG_LEVEL="WARNING",
+        FAITHLENS_MAX_ANALYSIS_COST="1e9",  # the benchmark chooses its analysis; the limit is not measured
+        FAITHLENS_ANALYSIS_TIMEOUT_S="3600",
     )
     try:
-        plain = bodies(args.clients, args.new_tokens, analysis=False)
-        annotated = bodies(args.clients, args.new_tokens, analysis=True)
-        asyncio.run(sequential(server.url, plain[:2]))  # warm-up
-        rows: dict[str, list[tuple[float, list[float], int]]] = {"seq": [], "conc": [], "seq+ann": []}
-        for _ in range(args.repeats):  # interleaved, so drift hits every mode alike
-            rows["seq"].append(asyncio.run(sequential(server.url, plain)))
-            rows["conc"].append(asyncio.run(concurrent(server.url, plain)))
-            rows["seq+ann"].append(asyncio.run(sequential(server.url, annotated)))
+        if args.part in ("latency", "all"):
+            latency_part(server.url, args)
+        if args.part == "latency":
+            return
+        batching_part(server.url, args)
     finally:
         server.stop()
+
+
+def batching_part(url: str, args) -> None:
+    plain = bodies(args.clients, args.new_tokens, analysis=False)
+    annotated = bodies(args.clients, args.new_tokens, analysis=True)
+    asyncio.run(sequential(url, plain[:2]))  # warm-up
+    rows: dict[str, list[tuple[float, list[float], int]]] = {"seq": [], "conc": [], "seq+ann": []}
+    for _ in range(args.repeats):  # interleaved, so drift hits every mode alike
+        rows["seq"].append(asyncio.run(sequential(url, plain)))
+        rows["conc"].append(asyncio.run(concurrent(url, plain)))
+        rows["seq+ann"].append(asyncio.run(sequential(url, annotated)))
 
     def summary(name: str, label: str) -> list:
         runs = rows[name]

@@ -46,18 +46,20 @@ class Generation:
     seconds: float
 
 
-def generate(lm: LoadedModel, prompt_ids: list[int], params: SamplingParams | None = None) -> Generation:
-    """Generate one continuation of ``prompt_ids``. Log-probs are the model's raw ones (before sampling
-    transforms), as vLLM reports them.
+def generate(
+    lm: LoadedModel, prompt_ids: list[int], params: SamplingParams | None = None, adapter: str | None = None
+) -> Generation:
+    """Generate one continuation of ``prompt_ids`` (with the attached LoRA ``adapter``, if named).
+    Log-probs are the model's raw ones (before sampling transforms), as vLLM reports them.
 
     A batch of one on :class:`faithlens.batching.DecodeBatch`, the decode path the server, the trainer
     and ``training.eval`` use: the same prompt, seed and params give the same tokens everywhere.
     """
-    from faithlens.batching import DecodeBatch, SequenceState  # batching imports this module
+    from faithlens.batching import BASE_ADAPTER, DecodeBatch, SequenceState  # batching imports this module
 
     params = params or SamplingParams()
     started = time.perf_counter()
-    seq = SequenceState(list(prompt_ids), params)
+    seq = SequenceState(list(prompt_ids), params, adapter or BASE_ADAPTER)
     batch = DecodeBatch(lm)
     batch.add(seq)
     while len(batch):

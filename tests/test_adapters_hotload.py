@@ -33,8 +33,7 @@ def server(tiny_dir, tmp_path_factory):
 def adapter_reference(tiny_dir, adapter_dir, prompt: str, n: int) -> str:
     lm = load_model(tiny_dir, device="cpu", dtype="float32")
     lora.attach(lm, adapter_dir, "ref")
-    with lora.active(lm, "ref"):
-        return generate(lm, lm.prompt_ids(prompt), SamplingParams(max_new_tokens=n)).text
+    return generate(lm, lm.prompt_ids(prompt), SamplingParams(max_new_tokens=n), adapter="ref").text
 
 
 def base_text(c: httpx.Client, prompt: str, n: int, model: str | None = None) -> str:
