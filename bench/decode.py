@@ -3,13 +3,14 @@
 For each context length L, a prompt of L token ids is prefilled (not timed) and then K tokens are
 decoded greedily, one row:
 
-* ours: ``DecodeBatch.add`` (prefill + first token), then K timed ``step()`` calls;
+* ours: ``DecodeBatch.add`` (prefill + first token), then K timed ``step()`` calls (the row is not
+  finished by them, so freeing its cache is not timed);
 * HF: ``model.generate(..., cache_implementation="static", max_new_tokens=1+K)`` on the same model
   object, with a streamer that timestamps every token; the time from the first new token to the last,
   divided by K, is K pure decode steps (the prefill, which precedes the first token, is excluded).
 
-Both sides run on the same weights, attention implementation and threads, interleaved per repeat; the
-figures are medians over the repeats. EOS is masked (``min_new_tokens``) so both decode exactly 1+K.
+Both sides run on the same weights, attention implementation and threads, interleaved per repeat (in
+alternating order); the figures are medians over the repeats. EOS is masked (``min_new_tokens``) so both decode exactly 1+K.
 On a CPU, HF does not compile the static-cache forward (it auto-compiles only on accelerators), so both
 run eager.
 
@@ -74,15 +75,20 @@ def prompt_of(lm: LoadedModel, length: int, seed: int = 0) -> list[int]:
 
 def ours_ms_per_token(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[float, list[int]]:
     batch = DecodeBatch(lm)
-    seq = SequenceState(prompt, SamplingParams(max_new_tokens=1 + steps, min_new_tokens=1 + steps))
+    # One token more than is timed, so the timed steps end before the row finishes and its cache is
+    # freed (HF's timed window likewise ends at its last token, before its clean-up).
+    params = SamplingParams(max_new_tokens=2 + steps, min_new_tokens=2 + steps)
+    seq = SequenceState(prompt, params)
     batch.add(seq)
     sync()
     started = time.perf_counter()
     for _ in range(steps):
         batch.step()
     sync()
-    assert len(seq.token_ids) == 1 + steps and not len(batch)
-    return 1000 * (time.perf_counter() - started) / steps, seq.token_ids
+    elapsed = time.perf_counter() - started
+    assert len(seq.token_ids) == 1 + steps and len(batch) == 1
+    batch.step()
+    return 1000 * elapsed / steps, seq.token_ids[: 1 + steps]
 
 
 @torch.inference_mode()
@@ -110,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps after the prefill")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians reported")
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds; medians reported")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -126,15 +132,24 @@ def main() -> None:
     hf_static_ms_per_token(lm, prompts[args.lengths[0]], 2)
     ours: dict[int, list[float]] = {n: [] for n in args.lengths}
     hf: dict[int, list[float]] = {n: [] for n in args.lengths}
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+    for r in range(args.repeats):
+        # Interleaved, so drift hits both alike, and in alternating order: a run can slow the next one
+        # down (the allocator returning or re-faulting the previous run's memory).
         for n in args.lengths:
-            ms, our_tokens = ours_ms_per_token(lm, prompts[n], args.steps)
-            ours[n].append(ms)
-            ms, hf_tokens = hf_static_ms_per_token(lm, prompts[n], args.steps)
-            hf[n].append(ms)
+            ms_ours = ms_hf = 0.0
+            our_tokens: list[int] = []
+            hf_tokens: list[int] = []
+            for side in ("ours", "hf") if r % 2 == 0 else ("hf", "ours"):
+                if side == "ours":
+                    ms_ours, our_tokens = ours_ms_per_token(lm, prompts[n], args.steps)
+                else:
+                    ms_hf, hf_tokens = hf_static_ms_per_token(lm, prompts[n], args.steps)
+            ours[n].append(ms_ours)
+            hf[n].append(ms_hf)
             agree = sum(a == b for a, b in zip(our_tokens, hf_tokens, strict=True))
             print(
-                f"  L={n}: ours {ours[n][-1]:.2f} ms/token, HF static {ms:.2f}; {agree}/{len(hf_tokens)} same tokens"
+                f"  round {r + 1}, L={n}: ours {ms_ours:.2f} ms/token, HF static {ms_hf:.2f}; "
+                f"{agree}/{len(hf_tokens)} same tokens"
             )
 
     med = {n: (statistics.median(ours[n]), statistics.median(hf[n])) for n in args.lengths}
