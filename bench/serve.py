@@ -145,6 +145,77 @@ async def under_load(url: str, clients: int, max_tokens: int, body: dict):
     return seconds, tokens, [gap for at, gap in gaps if started <= at <= ended]
 
 
+def engine_part(args) -> None:
+    """The same measurement without HTTP, in this process: four rows decode on the one decode path, and
+    after each step the analysis gets its slice, exactly as the engine thread schedules them. It separates
+    the engine's policy from the HTTP layer and the benchmark's own clients, which share the cores."""
+    from faithlens.analysis import analyze
+    from faithlens.atman import SaliencyParams
+    from faithlens.batching import DecodeBatch, SequenceState
+    from faithlens.generation import SamplingParams
+    from faithlens.model import load_model
+    from faithlens.slicing import SlicedRun, install_checkpoints
+    from faithlens.tiny import tiny_loaded_model
+
+    lm = tiny_loaded_model("llama") if args.model == "tiny" else load_model()
+    install_checkpoints(lm.model)
+    question, completion = analysis_text(args.analysis_chars)
+    prompt, response = lm.prompt_ids(question, chat=True), lm.completion_ids(completion)
+    saliency = SaliencyParams(method="atman", granularity=args.granularity)
+    share = args.analysis_share or 2.0
+
+    def batch() -> DecodeBatch:
+        b = DecodeBatch(lm)
+        for i in range(args.streams):
+            ids = lm.prompt_ids(f"Client {i}: write a long story about numbers.", chat=True)
+            b.add(
+                SequenceState(ids, SamplingParams(max_new_tokens=100_000 if args.model != "tiny" else 3000))
+            )
+        return b
+
+    idle_batch, steps = batch(), []
+    for _ in range(64):
+        started = time.perf_counter()
+        idle_batch.step()
+        steps.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    analyze(lm, prompt, response, saliency=saliency)
+    alone = time.perf_counter() - started
+    loaded_batch, run, turns, overshoot = (
+        batch(),
+        SlicedRun(lambda: analyze(lm, prompt, response, saliency=saliency)),
+        [],
+        0.0,
+    )
+    started = time.perf_counter()
+    while True:
+        turn = time.perf_counter()
+        loaded_batch.step()
+        budget = max(share * (time.perf_counter() - turn) - overshoot, 0.0)
+        sliced = time.perf_counter()
+        done = run.run_slice(budget)
+        overshoot = min(max(time.perf_counter() - sliced - budget, 0.0), 1.0)
+        turns.append(time.perf_counter() - turn)
+        if done:
+            break
+    loaded = time.perf_counter() - started
+    print_table(
+        f"The engine's schedule without HTTP: {args.streams} rows decoding, one exact-AtMan analysis of "
+        f"{len(prompt) + len(response)} tokens (granularity {args.granularity}, share {share}, {args.model})",
+        ["mode", "step p50 ms", "step p95 ms", "analysis s"],
+        [
+            ["decode steps idle", percentile(steps, 0.5) * 1e3, percentile(steps, 0.95) * 1e3, "-"],
+            ["decode step + slice", percentile(turns, 0.5) * 1e3, percentile(turns, 0.95) * 1e3, "-"],
+            ["analysis alone", "-", "-", alone],
+            ["analysis between the steps", "-", "-", loaded],
+        ],
+    )
+    print(
+        f"\nengine: p95 token gap during the analysis / idle: {percentile(turns, 0.95) / percentile(steps, 0.95):.2f}"
+    )
+    print(f"engine: analysis between steps / alone: {loaded / alone:.2f}")
+
+
 def latency_part(url: str, args) -> None:
     question, completion = analysis_text(args.analysis_chars)
     saliency = {"method": "atman", "granularity": args.granularity}
@@ -197,17 +268,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of each mode")
-    parser.add_argument("--part", choices=["batching", "latency", "all"], default="all")
+    parser.add_argument("--part", choices=["batching", "latency", "engine", "all"], default="all")
     parser.add_argument("--streams", type=int, default=4, help="latency: streaming clients")
     parser.add_argument("--stream-tokens", type=int, default=64, help="latency: tokens per streamed request")
-    parser.add_argument("--analysis-chars", type=int, default=2000, help="latency: ≈ 512 SmolLM2 tokens")
+    parser.add_argument("--analysis-chars", type=int, default=900, help="latency: ≈ 512 SmolLM2 tokens")
     parser.add_argument("--granularity", choices=["token", "word", "sentence"], default="sentence")
+    parser.add_argument("--analysis-share", type=float, default=None, help="FAITHLENS_ANALYSIS_SHARE")
+    parser.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default=None)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
         args.new_tokens, args.repeats, args.clients = 8, 1, 4
         args.stream_tokens, args.analysis_chars = 8, 200
     print("machine:", machine())
+    if args.part in ("engine", "all"):
+        engine_part(args)
+    if args.part == "engine":
+        return
     work = Path(tempfile.mkdtemp(prefix="faithlens-bench-serve-"))
     model = save_tiny(work / "tiny-llama") if args.model == "tiny" else None
     server = start_server(
@@ -217,6 +294,8 @@ def main() -> None:
         FAITHLENS_LOG_LEVEL="WARNING",
         FAITHLENS_MAX_ANALYSIS_COST="1e9",  # the benchmark chooses its analysis; the limit is not measured
         FAITHLENS_ANALYSIS_TIMEOUT_S="3600",
+        **({"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {}),
+        **({"FAITHLENS_ANALYSIS_SHARE": str(args.analysis_share)} if args.analysis_share else {}),
     )
     try:
         if args.part in ("latency", "all"):

@@ -100,7 +100,7 @@ class SequenceMetrics(ProbeMetrics):
 
 
 def _response_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, chunk: int = 256
+    model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, chunk: int = 64
 ) -> torch.Tensor:
     """log p(x_t | x_<t) for response positions, with the LM head applied in chunks (no N×V logits)."""
     head = model.get_output_embeddings()

@@ -7,7 +7,9 @@ gives the analysis in flight one slice (:mod:`faithlens.slicing`).
 
 The fair policy: while requests decode, a slice lasts ``analysis_share`` times the decode step it follows,
 so streams keep ``1 / (1 + share)`` of the time and the analysis the rest; with nothing to decode, slices
-of ``idle_slice_s`` keep new requests from waiting longer than that. Analyses run one at a time, FIFO.
+of ``idle_slice_s`` keep new requests from waiting longer than that. A slice ends at the first checkpoint
+past its budget, so it may overrun by part of a unit; the next slice is shortened by that much, which
+keeps both the share and the gaps between tokens steady. Analyses run one at a time, FIFO.
 
 Everything heavy happens after admission and off the event loop: prompts are bounded in characters, then
 tokenised on a tokenizer pool, and every analysis gets a cost estimate (:mod:`faithlens.cost`) and a
@@ -155,6 +157,7 @@ class LocalEngine:
         self._waiting: deque[_Request] = deque()
         self._analyses: deque[_Request] = deque()
         self._active: _Request | None = None
+        self._overshoot = 0.0  # seconds the last analysis slice ran past its budget
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._adapters: set[str] = set()
         self._wake = threading.Condition()
@@ -520,8 +523,11 @@ class LocalEngine:
         req = self._active
         assert req is not None and req.run is not None
         budget = self.config.analysis_share * step_s if len(self._batch) else self.config.idle_slice_s
+        budget -= self._overshoot  # a unit cannot be cut: what the last slice overran, this one gives back
+        started = time.perf_counter()
         with lora.active(self.lm, req.adapter):
-            done = req.run.run_slice(budget)
+            done = req.run.run_slice(max(budget, 0.0))
+        self._overshoot = min(max(time.perf_counter() - started - max(budget, 0.0), 0.0), 1.0)
         if done:
             self._finish_active()
 
