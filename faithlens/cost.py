@@ -1,7 +1,7 @@
 """What an analysis will cost, before any of it runs, in forward-token units.
 
 One unit is one token through one forward pass at short context. On the embedded SmolLM2 on two CPU
-cores a unit takes about 2.5 ms, so the default limit (``FAITHLENS_MAX_ANALYSIS_COST`` = 16,000 units)
+cores a unit takes about 1.7 ms, so the default limit (``FAITHLENS_MAX_ANALYSIS_COST`` = 30,000 units)
 keeps one analysis under about a minute (docs/benchmarks.md has the measurement). The estimate follows
 the work each method really does (spec §1, §7, §8):
 

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         description="Characters a prompt or completion may have; checked before tokenisation.",
     )
     max_analysis_cost: float = Field(
-        default=16000,
+        default=30000,
         gt=0,
         description="Largest analysis cost estimate, in forward-token units (faithlens/cost.py); "
         "the default keeps one analysis under about a minute on SmolLM2 on two CPU cores.",

@@ -74,7 +74,7 @@ class EngineConfig:
     max_prompt_chars: int = 65536
     max_new_tokens: int = 1024
     max_rl_steps: int = 500
-    max_analysis_cost: float = 16000.0
+    max_analysis_cost: float = 30000.0
     analysis_timeout_s: float = 120.0
     analysis_share: float = 2.0
     idle_slice_s: float = 0.1
