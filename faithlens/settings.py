@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         gt=0,
         description="While requests decode, an analysis slice lasts this many times the decode step.",
     )
+    analysis_idle_slice_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="With nothing to decode, an analysis slice lasts this long (new requests wait at most that).",
+    )
     tokenizer_threads: int = Field(default=2, ge=1, description="Threads that tokenise requests.")
     max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound a request may ask for.")
     max_rl_steps: int = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -95,20 +96,8 @@ async def _start(app: FastAPI, settings: Settings, metrics: Telemetry, lm: Loade
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's part of the service settings."""
-    return EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        max_prompt_tokens=settings.max_prompt_tokens,
-        max_prompt_chars=settings.max_prompt_chars,
-        max_new_tokens=settings.max_new_tokens,
-        max_rl_steps=settings.max_rl_steps,
-        max_analysis_cost=settings.max_analysis_cost,
-        analysis_timeout_s=settings.analysis_timeout_s,
-        analysis_share=settings.analysis_share,
-        tokenizer_threads=settings.tokenizer_threads,
-        retry_after_s=settings.retry_after_s,
-    )
+    """The engine's part of the service settings: every EngineConfig field is a setting of the same name."""
+    return EngineConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
 def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:

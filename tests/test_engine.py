@@ -53,7 +53,7 @@ def test_sliced_analysis_equals_unsliced_bit_for_bit(tiny_lm, method):
     direct = analyze(tiny_lm, prompt_ids, response_ids, spec.params, saliency=spec.saliency)
 
     async def run():
-        engine = LocalEngine(tiny_lm, EngineConfig(analysis_share=1e-9, idle_slice_s=0.0))
+        engine = LocalEngine(tiny_lm, EngineConfig(analysis_share=1e-9, analysis_idle_slice_s=0.0))
         await engine.start()
         try:
             streams = [

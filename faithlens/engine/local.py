@@ -7,7 +7,7 @@ gives the analysis in flight one slice (:mod:`faithlens.slicing`).
 
 The fair policy: while requests decode, a slice lasts ``analysis_share`` times the decode step it follows,
 so streams keep ``1 / (1 + share)`` of the time and the analysis the rest; with nothing to decode, slices
-of ``idle_slice_s`` keep new requests from waiting longer than that. A slice ends at the first checkpoint
+of ``analysis_idle_slice_s`` keep new requests from waiting longer than that. A slice ends at the first checkpoint
 past its budget, so it may overrun by part of a unit; the next slice is shortened by that much, which
 keeps both the share and the gaps between tokens steady. Analyses run one at a time, FIFO.
 
@@ -77,7 +77,7 @@ class EngineConfig:
     max_analysis_cost: float = 30000.0
     analysis_timeout_s: float = 120.0
     analysis_share: float = 2.0
-    idle_slice_s: float = 0.1
+    analysis_idle_slice_s: float = 0.1
     tokenizer_threads: int = 2
     retry_after_s: int = 1
 
@@ -522,7 +522,9 @@ class LocalEngine:
             return
         req = self._active
         assert req is not None and req.run is not None
-        budget = self.config.analysis_share * step_s if len(self._batch) else self.config.idle_slice_s
+        budget = (
+            self.config.analysis_share * step_s if len(self._batch) else self.config.analysis_idle_slice_s
+        )
         budget -= self._overshoot  # a unit cannot be cut: what the last slice overran, this one gives back
         started = time.perf_counter()
         with lora.active(self.lm, req.adapter):

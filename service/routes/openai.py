@@ -5,6 +5,7 @@ streaming, one last chunk (``choices: []``) before ``data: [DONE]``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -104,16 +105,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     def logprobs_of(tokens: list[TokenOutput]) -> dict | None:
         return chat_logprobs(*_split(tokens)) if body.logprobs else None
 
-    def chunk(choices: list[dict], **extra: Any) -> dict:
-        return {
-            "id": response_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": choices,
-            **extra,
-        }
+    chunk = functools.partial(_chunk, response_id, "chat.completion.chunk", created, model)
 
     def delta(content: dict, tokens: list[TokenOutput], finish_reason: str | None = None) -> dict:
         choice = {
@@ -168,16 +160,7 @@ async def completions(body: CompletionRequest, request: Request):
     def choice(text: str, tokens: list[TokenOutput], finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": logprobs_of(tokens), "finish_reason": finish_reason}
 
-    def chunk(choices: list[dict], **extra: Any) -> dict:
-        return {
-            "id": response_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": choices,
-            **extra,
-        }
+    chunk = functools.partial(_chunk, response_id, "text_completion", created, model)
 
     if body.stream:
         return await _event_stream(
@@ -219,6 +202,19 @@ async def _complete(
     return output, tokens
 
 
+def _chunk(response_id: str, kind: str, created: int, model: str, choices: list[dict], **extra: Any) -> dict:
+    """One OpenAI object around ``choices``: a stream chunk, or the final object's frame."""
+    return {
+        "id": response_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+        **extra,
+    }
+
+
 def _final(
     output: RequestOutput,
     body: _Common,
@@ -230,15 +226,7 @@ def _final(
     choice: dict,
 ) -> JSONResponse:
     """The non-streaming answer: one choice, usage, and the annotations when they were asked for."""
-    payload = {
-        "id": response_id,
-        "object": kind,
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [choice],
-        "usage": _usage(output),
-    }
+    payload = _chunk(response_id, kind, created, model, [choice], usage=_usage(output))
     if (annotations := _annotations(output, body, state)) is not None:
         payload["faithlens"] = annotations
     return JSONResponse(payload)
