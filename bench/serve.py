@@ -274,6 +274,7 @@ def main() -> None:
     parser.add_argument("--analysis-chars", type=int, default=900, help="latency: ≈ 512 SmolLM2 tokens")
     parser.add_argument("--granularity", choices=["token", "word", "sentence"], default="sentence")
     parser.add_argument("--analysis-share", type=float, default=None, help="FAITHLENS_ANALYSIS_SHARE")
+    parser.add_argument("--torch-threads", type=int, default=None, help="FAITHLENS_TORCH_THREADS")
     parser.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE"], default=None)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -296,6 +297,7 @@ def main() -> None:
         FAITHLENS_ANALYSIS_TIMEOUT_S="3600",
         **({"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {}),
         **({"FAITHLENS_ANALYSIS_SHARE": str(args.analysis_share)} if args.analysis_share else {}),
+        **({"FAITHLENS_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}),
     )
     try:
         if args.part in ("latency", "all"):

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Emit one JSON object per log line.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Intra-op threads for torch; unset: torch's default (one per core). On a machine whose "
+        "cores other work shares, fewer threads than cores avoid stalls at the thread team's barriers.",
+    )
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "FAITHLENS_REDIS_URL")
     )

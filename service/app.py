@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -56,6 +57,8 @@ class RequestMetrics:
 
 async def _start(app: FastAPI, settings: Settings, metrics: Telemetry, lm: LoadedModel | None) -> None:
     """Load the model off the event loop, start the engine, then follow the adapter channel."""
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     if lm is None:
         lm = await asyncio.to_thread(
             load_model, settings.model, settings.device, settings.dtype, settings.cache_dir
