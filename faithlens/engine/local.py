@@ -187,8 +187,8 @@ class LocalEngine:
         )
 
     # -- the EngineClient calls --------------------------------------------------------------------------------
-    async def tokenize(self, prompt: Prompt) -> list[int]:
-        self._check_characters(prompt, "prompt")
+    async def tokenize(self, prompt: Prompt, param: str = "prompt") -> list[int]:
+        self._check_characters(prompt, param)
         return await self._tokenizers.run(
             lambda tok: encode_prompt(tok, prompt.text, prompt.messages, prompt.chat)
         )
@@ -264,10 +264,9 @@ class LocalEngine:
             if len(self._requests) >= self.config.max_queue + self.config.max_batch_size:
                 self.observer.on_rejected()
                 raise Overloaded(self.config.retry_after_s)
-            req = _Request(request_id, asyncio.get_running_loop())
             if request_id in self._requests:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
-            self._requests[request_id] = req
+            req = self._requests[request_id] = _Request(request_id, asyncio.get_running_loop())
             return req
 
     def _release(self, req: _Request) -> None:
@@ -302,10 +301,7 @@ class LocalEngine:
 
     async def _prompt_ids(self, prompt: Prompt, param: str) -> list[int]:
         param = "messages" if prompt.messages is not None else param
-        self._check_characters(prompt, param)
-        ids = await self._tokenizers.run(
-            lambda tok: encode_prompt(tok, prompt.text, prompt.messages, prompt.chat)
-        )
+        ids = await self.tokenize(prompt, param)
         if not ids:
             raise InvalidRequest("the prompt is empty after tokenisation", param)
         limit = self.config.max_prompt_tokens

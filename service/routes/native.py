@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable
+
 from fastapi import APIRouter, Depends, Request
 
 from faithlens.engine import AnalysisRequest, GenerationRequest, Prompt, RequestOutput, new_request_id
@@ -84,6 +86,6 @@ async def analyze(body: AnalyzeRequest, request: Request) -> GenerateResponse:
     return _response(state, output, "faithlens.analysis", body.adapter, body.analysis)
 
 
-async def _one(awaitable):
+async def _one(awaitable: Awaitable[RequestOutput]) -> AsyncIterator[RequestOutput]:
     """An awaitable's result as a one-item async iterator (so one disconnect watcher serves both)."""
     yield await awaitable
