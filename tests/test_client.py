@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -14,10 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from faithlens_client import AsyncFaithlens, AuditReport, Faithlens, errors
+from faithlens_client.types import JobEvent
 
 from faithlens.tiny import save_tiny
-from tests.servers import REPO, start_server
+from tests.servers import REDIS_URL, REPO, start_server
+
+ROWS = [{"question": f"What is {i}+1?", "answer": f"#### {i + 1}"} for i in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +30,17 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
+    """No worker listens on this server's private job queue: its jobs stay queued until cancelled."""
+    queue = f"faithlens-jobs-client-{uuid.uuid4().hex[:8]}"
     srv = start_server(
-        tmp_path_factory.mktemp("srv-client"), tiny_dir, FAITHLENS_API_KEYS="k-admin:admin,k-infer:infer"
+        tmp_path_factory.mktemp("srv-client"),
+        tiny_dir,
+        FAITHLENS_API_KEYS="k-admin:admin,k-infer:infer",
+        FAITHLENS_JOB_QUEUE=queue,
     )
     yield srv
     srv.stop()
+    redis.Redis.from_url(REDIS_URL).delete(queue)  # the undelivered tasks
 
 
 @pytest.fixture
@@ -58,15 +67,22 @@ def test_chat_and_streaming(client):
     assert text == full["choices"][0]["message"]["content"]
     assert "faithlens" in chunks[-1]
 
-    async def run() -> list[dict]:
+    typed = list(client.chat_stream(messages, max_tokens=8, temperature=0, analysis={}))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in typed if c["choices"]) == text
+    assert typed[-1]["faithlens"]["tokens"] == chunks[-1]["faithlens"]["tokens"]
+
+    async def run() -> tuple[dict, list[dict], list[dict]]:
         async with AsyncFaithlens(client.base_url, api_key="k-admin") as ac:
             assert (await ac.generate("x", max_new_tokens=3)).usage.completion_tokens == 3
-            return [c async for c in ac.chat_stream(messages, max_tokens=8, temperature=0)]
+            whole = await ac.chat(messages, max_tokens=8, temperature=0)
+            streamed = [c async for c in ac.chat_stream(messages, max_tokens=8, temperature=0)]
+            awaited = [c async for c in await ac.chat(messages, max_tokens=8, temperature=0, stream=True)]
+            return whole, streamed, awaited
 
-    async_chunks = asyncio.run(run())
-    assert (
-        "".join(c["choices"][0]["delta"].get("content") or "" for c in async_chunks if c["choices"]) == text
-    )
+    async_full, async_chunks, awaited_chunks = asyncio.run(run())
+    assert async_full["choices"][0]["message"]["content"] == text
+    for stream in (async_chunks, awaited_chunks):
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in stream if c["choices"]) == text
 
 
 def test_models_adapters_and_typed_errors(client, server, tiny_dir):
@@ -107,6 +123,88 @@ def test_audit_report(client, tmp_path):
     assert "FaithlensAudit.render" in page and not re.search(r"(src|href)=\"https?://", page)
     given = client.audit("What is 2+3?", completion=" 5. #### 5", saliency="atman")
     assert given.text == " 5. #### 5" and given.summary.saliency_method == "atman"
+    # a given completion is audited in the context it was generated in (the prompt as a chat message)
+    again = client.audit("What is 2+3?", completion=report.text, saliency=None)
+    assert again.analysis.prompt_token_ids == report.analysis.prompt_token_ids
+
+
+def test_async_client(server):
+    """The async twins of the calls above, against the same server."""
+
+    async def run() -> None:
+        async with AsyncFaithlens(server.url, api_key="k-admin") as ac:
+            report = await ac.audit("What is 2+3?", saliency="atman_grad", max_new_tokens=8)
+            assert isinstance(report, AuditReport) and len(report.tokens) == 8
+            assert report.summary.saliency_method == "atman_grad"
+            analyzed = await ac.analyze("What is 2+3?", report.text, chat=True, analysis={})
+            assert analyzed.annotations.prompt_token_ids == report.analysis.prompt_token_ids
+            assert [m.id for m in await ac.models.list()] == ["tiny-llama"]
+            assert isinstance(await ac.adapters.list(), list)
+            with pytest.raises(errors.NotFoundError):
+                await ac.adapters.unload("ghost")
+            job = await ac.jobs.create(method={"type": "grpo"}, training_data=ROWS, adapter_name="async")
+            assert job.id in [j.id for j in await ac.jobs.list(limit=100)]
+            assert (await ac.jobs.get(job.id)).status == "queued"
+            assert (await ac.jobs.cancel(job.id)).status == "cancelled"
+            assert await ac.jobs.checkpoints(job.id) == []
+            assert [e.message for e in await ac.jobs.events(job.id, after=1)] == ["cancelled while queued"]
+            assert (await ac.wait(job.id, poll_interval=0.1, timeout=10)).status == "cancelled"
+
+    asyncio.run(run())
+
+
+def test_capabilities(client):
+    """Needs the server's GET /v1/capabilities."""
+    caps = client.capabilities()
+    assert caps.object == "capabilities"
+    assert {"atman", "atman_grad"} <= set(caps.saliency_method_names)
+    assert all(m.description for m in caps.saliency_methods)
+    assert "none" in [c.name for c in caps.credit_strategies]
+    assert {"token", "word", "sentence"} <= set(caps.granularities)
+    assert {"fai", "waad"} <= set(caps.metrics)
+    # every method the server lists is one it runs
+    for name in caps.saliency_method_names:
+        if name != "atman_rl":  # the learned mask trains per request: slow, and covered by its own tests
+            result = client.analyze("Q: 2+2?", " 4", saliency=name)
+            assert result.annotations.summary.saliency_method == name
+    with Faithlens(client.base_url, api_key="k-infer") as infer:
+        assert infer.capabilities() == caps
+
+    async def run() -> object:
+        async with AsyncFaithlens(client.base_url, api_key="k-infer") as ac:
+            return await ac.capabilities()
+
+    assert asyncio.run(run()) == caps
+
+
+def test_follow_job_streams_until_the_job_ends(client, server):
+    """No worker runs this server's jobs, so a job stays queued until it is cancelled: the follow gets the
+    job's first event, the cancel happens while it listens, and the stream then ends by itself."""
+    job = client.jobs.create(method={"type": "grpo"}, training_data=ROWS, adapter_name="follow")
+    followed: list[JobEvent] = []
+    for event in client.follow_job(job.id):
+        followed.append(event)
+        if len(followed) == 1:
+            assert client.jobs.cancel(job.id).status == "cancelled"
+    assert [e.message for e in followed] == ["job created (grpo)", "cancelled while queued"]
+    assert followed == client.jobs.events(job.id)
+    assert list(client.follow_job(job.id)) == followed  # a finished job: its events, then the end
+
+    async def run() -> tuple[str, list[JobEvent]]:
+        async with AsyncFaithlens(server.url, api_key="k-admin") as ac:
+            job = await ac.jobs.create(method={"type": "grpo"}, training_data=ROWS, adapter_name="follow")
+            events: list[JobEvent] = []
+            async for event in ac.follow_job(job.id):
+                events.append(event)
+                if len(events) == 1:
+                    assert (await ac.jobs.cancel(job.id)).status == "cancelled"
+            return job.id, events
+
+    job_id, events = asyncio.run(run())
+    assert [e.message for e in events] == ["job created (grpo)", "cancelled while queued"]
+    assert events == client.jobs.events(job_id)
+    with pytest.raises(errors.NotFoundError):
+        list(client.follow_job("ftjob-missing"))
 
 
 def test_retries_honour_retry_after_on_503(tiny_dir, tmp_path):
@@ -153,34 +251,6 @@ def test_retries_honour_retry_after_on_503(tiny_dir, tmp_path):
         srv.stop()
 
 
-def test_cli_against_the_server(server, tmp_path):
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "faithlens_client.cli",
-                "--base-url",
-                server.url,
-                "--api-key",
-                "k-admin",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    models = cli("--json", "models")
-    assert models.returncode == 0 and json.loads(models.stdout)[0]["id"] == "tiny-llama"
-    human = cli("generate", "hello", "--max-new-tokens", "6")
-    assert human.returncode == 0 and "anchors" in human.stdout
-    audit = cli("audit", "hello", "--max-new-tokens", "16", "--html", str(tmp_path / "a.html"))
-    assert audit.returncode == 0 and (tmp_path / "a.html").exists()
-    missing = cli("adapters", "unload", "ghost")
-    assert missing.returncode == 2 and "model_not_found" in missing.stderr
-
-
 def test_jobs_from_the_sdk_with_progress(tiny_dir, tmp_path):
     queue = f"faithlens-jobs-sdk-{uuid.uuid4().hex[:8]}"
     srv = start_server(tmp_path, tiny_dir, FAITHLENS_JOB_QUEUE=queue)
@@ -193,7 +263,6 @@ def test_jobs_from_the_sdk_with_progress(tiny_dir, tmp_path):
     )
     try:
         with Faithlens(srv.url) as c:
-            rows = [{"question": f"What is {i}+1?", "answer": f"#### {i + 1}"} for i in range(4)]
             job = c.jobs.create(
                 method={
                     "type": "grpo",
@@ -203,9 +272,17 @@ def test_jobs_from_the_sdk_with_progress(tiny_dir, tmp_path):
                     "max_steps": 3,
                     "checkpoint_every": 2,
                 },
-                training_data=rows,
+                training_data=ROWS,
                 adapter_name="sdk-job",
             )
+            followed: list[JobEvent] = []
+
+            async def follow() -> None:  # the async client follows while the sync one polls
+                async with AsyncFaithlens(srv.url) as ac:
+                    followed.extend([event async for event in ac.follow_job(job.id)])
+
+            follower = threading.Thread(target=asyncio.run, args=(follow(),))
+            follower.start()
             calls: list[tuple[str, int]] = []
             done = c.wait(
                 job.id,
@@ -213,6 +290,11 @@ def test_jobs_from_the_sdk_with_progress(tiny_dir, tmp_path):
                 poll_interval=0.3,
                 timeout=300,
             )
+            follower.join(timeout=60)
+            assert not follower.is_alive()
+            assert followed == c.jobs.events(job.id)
+            assert [e.data["step"] for e in followed if e.type == "metrics"] == [1, 2, 3]
+            assert list(c.follow_job(job.id)) == followed
             assert done.status == "succeeded" and done.result_adapter.startswith("sdk-job/")
             assert calls and calls[-1][0] == "succeeded"
             assert sum(n for _, n in calls) == len(c.jobs.events(job.id))

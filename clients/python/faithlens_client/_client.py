@@ -1,8 +1,10 @@
 """``Faithlens`` and ``AsyncFaithlens``, shaped like the ``openai`` package's clients.
 
-Every API call is described once, as a :class:`Call` (method, path, body, how to parse the answer); the
-sync client runs calls with ``httpx.Client`` and the async one with ``httpx.AsyncClient``, so the resource
-classes below serve both. Retries with exponential back-off on 503 and connection errors, honouring
+Every API call is described once, as a :class:`Call` built by one of the ``*_call`` functions below (method,
+path, body, query, how to parse the answer). The sync client runs calls with ``httpx.Client`` and the async
+one with ``httpx.AsyncClient``; each public method of either client, and of its resources (``models``,
+``adapters``, ``jobs``), only builds the call and runs it, so the two stay the same shape (a test compares
+their signatures). Retries with exponential back-off on 503 and connection errors, honouring
 ``Retry-After``.
 """
 
@@ -20,19 +22,34 @@ import httpx
 
 from faithlens_client import errors
 from faithlens_client.audit import AuditReport
-from faithlens_client.types import Adapter, Checkpoint, Generation, Job, JobEvent, ModelCard
+from faithlens_client.types import (
+    Adapter,
+    Capabilities,
+    Checkpoint,
+    Generation,
+    Job,
+    JobEvent,
+    ModelCard,
+)
 
 T = TypeVar("T")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+ProgressCallback = Callable[[Job, list[JobEvent]], None]
+
+
+def _body(body: Any) -> Any:
+    return body
 
 
 @dataclass
 class Call(Generic[T]):
+    """One API call. For a streamed call, ``parse`` takes each SSE payload and returns None to skip it."""
+
     method: str
     path: str
     json: dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    parse: Callable[[Any], T] = lambda body: body  # type: ignore[assignment, return-value]
+    parse: Callable[[Any], T] = _body
 
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
@@ -59,17 +76,21 @@ def _raise_for(response: httpx.Response) -> None:
     raise errors.from_response(response.status_code, body)
 
 
-def _sse_data(lines: Iterator[str]) -> Iterator[Any]:
-    for line in lines:
-        if not line.startswith("data: "):
-            continue
-        data = line.removeprefix("data: ")
-        if data == "[DONE]":
-            return
-        payload = json.loads(data)
-        if isinstance(payload, dict) and "error" in payload and len(payload) == 1:
-            raise errors.from_response(500, payload)
-        yield payload
+class _EndOfStream(Exception):
+    """The server sent ``data: [DONE]``."""
+
+
+def _sse_item(call: Call[T], line: str) -> T | None:
+    """What one SSE line carries for ``call``: None for nothing, the typed error for an error payload."""
+    if not line.startswith("data: "):
+        return None
+    data = line.removeprefix("data: ")
+    if data == "[DONE]":
+        raise _EndOfStream
+    payload = json.loads(data)
+    if isinstance(payload, dict) and "error" in payload and len(payload) == 1:
+        raise errors.from_response(500, payload)
+    return call.parse(payload)
 
 
 # -- request builders shared by both clients ------------------------------------------------------------------
@@ -85,7 +106,7 @@ def _analysis(
 def generate_call(
     prompt: str | None = None,
     *,
-    messages: list[dict] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -93,7 +114,7 @@ def generate_call(
     stop: list[str] | str | None = None,
     adapter: str | None = None,
     analysis: dict[str, Any] | None = None,
-    saliency: str | dict | None = None,
+    saliency: str | dict[str, Any] | None = None,
     chat: bool | None = None,
 ) -> Call[Generation]:
     body = _drop_none(
@@ -117,10 +138,10 @@ def analyze_call(
     prompt: str | None = None,
     completion: str = "",
     *,
-    messages: list[dict] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     adapter: str | None = None,
     analysis: dict[str, Any] | None = None,
-    saliency: str | dict | None = None,
+    saliency: str | dict[str, Any] | None = None,
     chat: bool | None = None,
 ) -> Call[Generation]:
     body = _drop_none(
@@ -136,109 +157,285 @@ def analyze_call(
     return Call("POST", "/v1/analyze", body, parse=Generation.model_validate)
 
 
-def chat_body(
-    messages: list[dict], model: str | None, analysis: dict | None, stream: bool, **options: Any
-) -> dict:
-    return _drop_none(
-        {"messages": messages, "model": model, "faithlens": analysis, "stream": stream or None, **options}
+def audit_call(
+    prompt: str | None = None,
+    *,
+    messages: list[dict[str, Any]] | None = None,
+    completion: str | None = None,
+    saliency: str | dict[str, Any] | None = "atman",
+    adapter: str | None = None,
+    max_new_tokens: int = 256,
+    analysis: dict[str, Any] | None = None,
+) -> Call[AuditReport]:
+    """``analyze`` of ``completion`` when given, else a greedy ``generate``; a plain ``prompt`` is a user
+    message either way (the chat template is applied)."""
+    chat = prompt is not None or None
+    if completion is not None:
+        call = analyze_call(
+            prompt,
+            completion,
+            messages=messages,
+            adapter=adapter,
+            analysis=analysis,
+            saliency=saliency,
+            chat=chat,
+        )
+    else:
+        call = generate_call(
+            prompt,
+            messages=messages,
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            analysis=analysis or {},
+            saliency=saliency,
+            chat=chat,
+        )
+    return Call(
+        call.method,
+        call.path,
+        call.json,
+        parse=lambda body: AuditReport.from_generation(Generation.model_validate(body)),
     )
 
 
-class _Models:
-    def __init__(self, client: Any) -> None:
+def chat_call(
+    messages: list[dict[str, Any]],
+    model: str | None = None,
+    analysis: dict[str, Any] | None = None,
+    stream: bool = False,
+    **options: Any,
+) -> Call[dict[str, Any]]:
+    """An OpenAI chat completion; ``analysis`` goes in the ``faithlens`` extension field."""
+    body = _drop_none(
+        {"messages": messages, "model": model, "faithlens": analysis, "stream": stream or None, **options}
+    )
+    return Call("POST", "/v1/chat/completions", body)
+
+
+def capabilities_call() -> Call[Capabilities]:
+    return Call("GET", "/v1/capabilities", parse=Capabilities.model_validate)
+
+
+def follow_job_call(job_id: str) -> Call[JobEvent | None]:
+    """The job's events as SSE; the stream's last payload (the job's final status) is skipped."""
+
+    def event(payload: Any) -> JobEvent | None:
+        if isinstance(payload, dict) and payload.get("object") == "fine_tuning.job.event":
+            return JobEvent.model_validate(payload)
+        return None
+
+    return Call("GET", f"/v1/jobs/{job_id}/events", params={"follow": "true"}, parse=event)
+
+
+def list_models_call() -> Call[list[ModelCard]]:
+    return Call("GET", "/v1/models", parse=lambda b: [ModelCard.model_validate(m) for m in b["data"]])
+
+
+def list_adapters_call() -> Call[list[Adapter]]:
+    return Call("GET", "/v1/adapters", parse=lambda b: [Adapter.model_validate(a) for a in b["data"]])
+
+
+def load_adapter_call(name: str, path: str) -> Call[Adapter]:
+    return Call("POST", "/v1/adapters/load", {"name": name, "path": path}, parse=Adapter.model_validate)
+
+
+def unload_adapter_call(name: str) -> Call[Adapter]:
+    return Call("POST", "/v1/adapters/unload", {"name": name}, parse=Adapter.model_validate)
+
+
+def create_job_call(
+    *,
+    method: dict[str, Any],
+    training_data: str | list[dict[str, Any]] | dict[str, Any] = "gsm8k-train",
+    adapter_name: str,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+    model: str | None = None,
+) -> Call[Job]:
+    body = _drop_none(
+        {
+            "method": method,
+            "training_data": training_data,
+            "adapter_name": adapter_name,
+            "seed": seed,
+            "metadata": metadata,
+            "model": model,
+        }
+    )
+    return Call("POST", "/v1/jobs", body, parse=Job.model_validate)
+
+
+def list_jobs_call(limit: int = 20, after: str | None = None) -> Call[list[Job]]:
+    params = _drop_none({"limit": limit, "after": after})
+    return Call("GET", "/v1/jobs", params=params, parse=lambda b: [Job.model_validate(j) for j in b["data"]])
+
+
+def get_job_call(job_id: str) -> Call[Job]:
+    return Call("GET", f"/v1/jobs/{job_id}", parse=Job.model_validate)
+
+
+def cancel_job_call(job_id: str) -> Call[Job]:
+    return Call("POST", f"/v1/jobs/{job_id}/cancel", parse=Job.model_validate)
+
+
+def job_checkpoints_call(job_id: str) -> Call[list[Checkpoint]]:
+    return Call(
+        "GET",
+        f"/v1/jobs/{job_id}/checkpoints",
+        parse=lambda b: [Checkpoint.model_validate(c) for c in b["data"]],
+    )
+
+
+def job_events_call(job_id: str, after: int = 0) -> Call[list[JobEvent]]:
+    return Call(
+        "GET",
+        f"/v1/jobs/{job_id}/events",
+        params={"after": after},
+        parse=lambda b: [JobEvent.model_validate(e) for e in b["data"]],
+    )
+
+
+# -- resources: sync and async twins, one line per method ------------------------------------------------------
+class Models:
+    def __init__(self, client: Faithlens) -> None:
         self._client = client
 
-    def list(self):
-        return self._client._run(
-            Call("GET", "/v1/models", parse=lambda b: [ModelCard.model_validate(m) for m in b["data"]])
-        )
+    def list(self) -> list[ModelCard]:
+        """The base model and the served adapters."""
+        return self._client._run(list_models_call())
 
 
-class _Adapters:
-    def __init__(self, client: Any) -> None:
+class AsyncModels:
+    def __init__(self, client: AsyncFaithlens) -> None:
         self._client = client
 
-    def list(self):
-        return self._client._run(
-            Call("GET", "/v1/adapters", parse=lambda b: [Adapter.model_validate(a) for a in b["data"]])
-        )
-
-    def load(self, name: str, path: str):
-        return self._client._run(
-            Call("POST", "/v1/adapters/load", {"name": name, "path": path}, parse=Adapter.model_validate)
-        )
-
-    def unload(self, name: str):
-        return self._client._run(
-            Call("POST", "/v1/adapters/unload", {"name": name}, parse=Adapter.model_validate)
-        )
+    async def list(self) -> list[ModelCard]:
+        """The base model and the served adapters."""
+        return await self._client._run(list_models_call())
 
 
-class _Jobs:
-    def __init__(self, client: Any) -> None:
+class Adapters:
+    def __init__(self, client: Faithlens) -> None:
+        self._client = client
+
+    def list(self) -> list[Adapter]:
+        return self._client._run(list_adapters_call())
+
+    def load(self, name: str, path: str) -> Adapter:
+        """Serve the adapter at ``path`` (inside the server's adapter store) as ``name``."""
+        return self._client._run(load_adapter_call(name, path))
+
+    def unload(self, name: str) -> Adapter:
+        return self._client._run(unload_adapter_call(name))
+
+
+class AsyncAdapters:
+    def __init__(self, client: AsyncFaithlens) -> None:
+        self._client = client
+
+    async def list(self) -> list[Adapter]:
+        return await self._client._run(list_adapters_call())
+
+    async def load(self, name: str, path: str) -> Adapter:
+        """Serve the adapter at ``path`` (inside the server's adapter store) as ``name``."""
+        return await self._client._run(load_adapter_call(name, path))
+
+    async def unload(self, name: str) -> Adapter:
+        return await self._client._run(unload_adapter_call(name))
+
+
+class Jobs:
+    def __init__(self, client: Faithlens) -> None:
         self._client = client
 
     def create(
         self,
         *,
         method: dict[str, Any],
-        training_data: str | list[dict] = "gsm8k-train",
+        training_data: str | list[dict[str, Any]] | dict[str, Any] = "gsm8k-train",
         adapter_name: str,
         seed: int = 0,
         metadata: dict[str, str] | None = None,
         model: str | None = None,
-    ):
-        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}``."""
-        body = _drop_none(
-            {
-                "method": method,
-                "training_data": training_data,
-                "adapter_name": adapter_name,
-                "seed": seed,
-                "metadata": metadata,
-                "model": model,
-            }
-        )
-        return self._client._run(Call("POST", "/v1/jobs", body, parse=Job.model_validate))
-
-    def list(self, limit: int = 20, after: str | None = None):
-        params = _drop_none({"limit": limit, "after": after})
+    ) -> Job:
+        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}``; ``training_data`` a dataset
+        name, a list of ``{question, answer}`` rows or ``{"jsonl": text}``."""
         return self._client._run(
-            Call("GET", "/v1/jobs", params=params, parse=lambda b: [Job.model_validate(j) for j in b["data"]])
-        )
-
-    def get(self, job_id: str):
-        return self._client._run(Call("GET", f"/v1/jobs/{job_id}", parse=Job.model_validate))
-
-    def cancel(self, job_id: str):
-        return self._client._run(Call("POST", f"/v1/jobs/{job_id}/cancel", parse=Job.model_validate))
-
-    def checkpoints(self, job_id: str):
-        return self._client._run(
-            Call(
-                "GET",
-                f"/v1/jobs/{job_id}/checkpoints",
-                parse=lambda b: [Checkpoint.model_validate(c) for c in b["data"]],
+            create_job_call(
+                method=method,
+                training_data=training_data,
+                adapter_name=adapter_name,
+                seed=seed,
+                metadata=metadata,
+                model=model,
             )
         )
 
-    def events(self, job_id: str, after: int = 0):
-        return self._client._run(
-            Call(
-                "GET",
-                f"/v1/jobs/{job_id}/events",
-                params={"after": after},
-                parse=lambda b: [JobEvent.model_validate(e) for e in b["data"]],
+    def list(self, limit: int = 20, after: str | None = None) -> list[Job]:
+        return self._client._run(list_jobs_call(limit, after))
+
+    def get(self, job_id: str) -> Job:
+        return self._client._run(get_job_call(job_id))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._client._run(cancel_job_call(job_id))
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return self._client._run(job_checkpoints_call(job_id))
+
+    def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        return self._client._run(job_events_call(job_id, after))
+
+
+class AsyncJobs:
+    def __init__(self, client: AsyncFaithlens) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        method: dict[str, Any],
+        training_data: str | list[dict[str, Any]] | dict[str, Any] = "gsm8k-train",
+        adapter_name: str,
+        seed: int = 0,
+        metadata: dict[str, str] | None = None,
+        model: str | None = None,
+    ) -> Job:
+        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}``; ``training_data`` a dataset
+        name, a list of ``{question, answer}`` rows or ``{"jsonl": text}``."""
+        return await self._client._run(
+            create_job_call(
+                method=method,
+                training_data=training_data,
+                adapter_name=adapter_name,
+                seed=seed,
+                metadata=metadata,
+                model=model,
             )
         )
 
+    async def list(self, limit: int = 20, after: str | None = None) -> list[Job]:
+        return await self._client._run(list_jobs_call(limit, after))
 
+    async def get(self, job_id: str) -> Job:
+        return await self._client._run(get_job_call(job_id))
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._client._run(cancel_job_call(job_id))
+
+    async def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        return await self._client._run(job_checkpoints_call(job_id))
+
+    async def events(self, job_id: str, after: int = 0) -> list[JobEvent]:
+        return await self._client._run(job_events_call(job_id, after))
+
+
+# -- the clients -----------------------------------------------------------------------------------------------
 class _Base:
     def __init__(self, base_url: str | None, api_key: str | None, timeout: float, max_retries: int) -> None:
         self.base_url = (base_url or os.environ.get("FAITHLENS_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("FAITHLENS_API_KEY")
         self.timeout, self.max_retries = timeout, max_retries
-        self.models, self.adapters, self.jobs = _Models(self), _Adapters(self), _Jobs(self)
 
     @property
     def _headers(self) -> dict[str, str]:
@@ -262,7 +459,7 @@ class _Progress:
     """What ``wait`` tracks between polls, shared by both clients."""
 
     job_id: str
-    on_progress: Callable[[Job, list[JobEvent]], None] | None
+    on_progress: ProgressCallback | None
     timeout: float | None
     seen: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -280,7 +477,8 @@ class _Progress:
 
 
 class Faithlens(_Base):
-    """Synchronous client. ``api_key`` defaults to ``$FAITHLENS_API_KEY``."""
+    """Synchronous client. ``api_key`` defaults to ``$FAITHLENS_API_KEY``, ``base_url`` to
+    ``$FAITHLENS_BASE_URL`` (else http://127.0.0.1:8000)."""
 
     def __init__(
         self,
@@ -294,6 +492,9 @@ class Faithlens(_Base):
         self._http = http_client or httpx.Client(
             base_url=self.base_url, timeout=timeout, headers=self._headers
         )
+        self.models = Models(self)
+        self.adapters = Adapters(self)
+        self.jobs = Jobs(self)
 
     def __enter__(self) -> Faithlens:
         return self
@@ -322,47 +523,137 @@ class Faithlens(_Base):
             time.sleep(delay)
             attempt += 1
 
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> Generation:
-        return self._run(generate_call(prompt, **kwargs))
-
-    def analyze(self, prompt: str | None = None, completion: str = "", **kwargs: Any) -> Generation:
-        return self._run(analyze_call(prompt, completion, **kwargs))
-
-    def chat(
-        self,
-        messages: list[dict],
-        *,
-        model: str | None = None,
-        stream: bool = False,
-        analysis: dict | None = None,
-        **options: Any,
-    ) -> dict | Iterator[dict]:
-        """OpenAI chat completion (a dict), or with ``stream=True`` an iterator of chunks; annotations come as
-        ``response["faithlens"]`` / a last chunk with ``faithlens``."""
-        body = chat_body(messages, model, analysis, stream, **options)
-        if not stream:
-            return self._run(Call("POST", "/v1/chat/completions", body))
-        return self._stream("/v1/chat/completions", body)
-
-    def _stream(
-        self, path: str, body: dict | None, method: str = "POST", params: dict | None = None
-    ) -> Iterator[Any]:
-        with self._http.stream(method, path, json=body, params=params) as response:
+    def _stream(self, call: Call[T | None]) -> Iterator[T]:
+        with self._http.stream(
+            call.method, call.path, json=call.json, params=call.params or None
+        ) as response:
             if not response.is_success:
                 response.read()
                 _raise_for(response)
-            yield from _sse_data(response.iter_lines())
+            try:
+                for line in response.iter_lines():
+                    if (item := _sse_item(call, line)) is not None:
+                        yield item
+            except _EndOfStream:
+                return
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | str | None = None,
+        adapter: str | None = None,
+        analysis: dict[str, Any] | None = None,
+        saliency: str | dict[str, Any] | None = None,
+        chat: bool | None = None,
+    ) -> Generation:
+        """Generate; with ``analysis`` (``{}`` for the defaults) or ``saliency``, annotated."""
+        return self._run(
+            generate_call(
+                prompt,
+                messages=messages,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+                adapter=adapter,
+                analysis=analysis,
+                saliency=saliency,
+                chat=chat,
+            )
+        )
+
+    def analyze(
+        self,
+        prompt: str | None = None,
+        completion: str = "",
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        adapter: str | None = None,
+        analysis: dict[str, Any] | None = None,
+        saliency: str | dict[str, Any] | None = None,
+        chat: bool | None = None,
+    ) -> Generation:
+        """Annotate a completion you have."""
+        return self._run(
+            analyze_call(
+                prompt,
+                completion,
+                messages=messages,
+                adapter=adapter,
+                analysis=analysis,
+                saliency=saliency,
+                chat=chat,
+            )
+        )
+
+    def audit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        completion: str | None = None,
+        saliency: str | dict[str, Any] | None = "atman",
+        adapter: str | None = None,
+        max_new_tokens: int = 256,
+        analysis: dict[str, Any] | None = None,
+    ) -> AuditReport:
+        """Annotate a completion you have, or generate one (greedy) and annotate it."""
+        return self._run(
+            audit_call(
+                prompt,
+                messages=messages,
+                completion=completion,
+                saliency=saliency,
+                adapter=adapter,
+                max_new_tokens=max_new_tokens,
+                analysis=analysis,
+            )
+        )
+
+    def capabilities(self) -> Capabilities:
+        """The saliency methods, credit strategies, granularities and metrics this server offers."""
+        return self._run(capabilities_call())
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        analysis: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI chat completion (a dict), or with ``stream=True`` an iterator of chunks; annotations come as
+        ``response["faithlens"]`` / a last chunk with ``faithlens``."""
+        call = chat_call(messages, model, analysis, stream, **options)
+        return self._stream(call) if stream else self._run(call)
+
+    def chat_stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        analysis: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """``chat(..., stream=True)``, typed as an iterator."""
+        return self._stream(chat_call(messages, model, analysis, True, **options))
 
     def follow_job(self, job_id: str) -> Iterator[JobEvent]:
-        """Events as they happen, until the job finishes."""
-        for payload in self._stream(f"/v1/jobs/{job_id}/events", None, "GET", {"follow": "true"}):
-            if payload.get("object") == "fine_tuning.job.event":
-                yield JobEvent.model_validate(payload)
+        """The job's events (past ones first) as they happen, until the job finishes."""
+        return self._stream(follow_job_call(job_id))
 
     def wait(
         self,
         job_id: str,
-        on_progress: Callable[[Job, list[JobEvent]], None] | None = None,
+        on_progress: ProgressCallback | None = None,
         poll_interval: float = 1.0,
         timeout: float | None = None,
     ) -> Job:
@@ -374,37 +665,9 @@ class Faithlens(_Base):
                 return job
             time.sleep(poll_interval)
 
-    def audit(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        completion: str | None = None,
-        saliency: str | None = "atman",
-        adapter: str | None = None,
-        max_new_tokens: int = 256,
-        analysis: dict | None = None,
-    ) -> AuditReport:
-        """Annotate a completion you have, or generate one (greedy) and annotate it."""
-        if completion is not None:
-            result = self.analyze(
-                prompt, completion, messages=messages, adapter=adapter, analysis=analysis, saliency=saliency
-            )
-        else:
-            result = self.generate(
-                prompt,
-                messages=messages,
-                adapter=adapter,
-                max_new_tokens=max_new_tokens,
-                analysis=analysis or {},
-                saliency=saliency,
-                chat=prompt is not None or None,
-            )
-        return AuditReport.from_generation(result)
-
 
 class AsyncFaithlens(_Base):
-    """Asynchronous client with the same calls, awaited."""
+    """Asynchronous client: the same calls as :class:`Faithlens`, awaited (streams are async iterators)."""
 
     def __init__(
         self,
@@ -418,6 +681,9 @@ class AsyncFaithlens(_Base):
         self._http = http_client or httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout, headers=self._headers
         )
+        self.models = AsyncModels(self)
+        self.adapters = AsyncAdapters(self)
+        self.jobs = AsyncJobs(self)
 
     async def __aenter__(self) -> AsyncFaithlens:
         return self
@@ -446,38 +712,143 @@ class AsyncFaithlens(_Base):
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def generate(self, prompt: str | None = None, **kwargs: Any) -> Generation:
-        return await self._run(generate_call(prompt, **kwargs))
-
-    async def analyze(self, prompt: str | None = None, completion: str = "", **kwargs: Any) -> Generation:
-        return await self._run(analyze_call(prompt, completion, **kwargs))
-
-    async def chat(
-        self, messages: list[dict], *, model: str | None = None, analysis: dict | None = None, **options: Any
-    ) -> dict:
-        return await self._run(
-            Call("POST", "/v1/chat/completions", chat_body(messages, model, analysis, False, **options))
-        )
-
-    async def chat_stream(
-        self, messages: list[dict], *, model: str | None = None, analysis: dict | None = None, **options: Any
-    ) -> AsyncIterator[dict]:
-        body = chat_body(messages, model, analysis, True, **options)
-        async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+    async def _stream(self, call: Call[T | None]) -> AsyncIterator[T]:
+        async with self._http.stream(
+            call.method, call.path, json=call.json, params=call.params or None
+        ) as response:
             if not response.is_success:
                 await response.aread()
                 _raise_for(response)
-            async for line in response.aiter_lines():
-                for payload in _sse_data(iter([line])):
-                    yield payload
+            try:
+                async for line in response.aiter_lines():
+                    if (item := _sse_item(call, line)) is not None:
+                        yield item
+            except _EndOfStream:
+                return
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | str | None = None,
+        adapter: str | None = None,
+        analysis: dict[str, Any] | None = None,
+        saliency: str | dict[str, Any] | None = None,
+        chat: bool | None = None,
+    ) -> Generation:
+        """Generate; with ``analysis`` (``{}`` for the defaults) or ``saliency``, annotated."""
+        return await self._run(
+            generate_call(
+                prompt,
+                messages=messages,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+                adapter=adapter,
+                analysis=analysis,
+                saliency=saliency,
+                chat=chat,
+            )
+        )
+
+    async def analyze(
+        self,
+        prompt: str | None = None,
+        completion: str = "",
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        adapter: str | None = None,
+        analysis: dict[str, Any] | None = None,
+        saliency: str | dict[str, Any] | None = None,
+        chat: bool | None = None,
+    ) -> Generation:
+        """Annotate a completion you have."""
+        return await self._run(
+            analyze_call(
+                prompt,
+                completion,
+                messages=messages,
+                adapter=adapter,
+                analysis=analysis,
+                saliency=saliency,
+                chat=chat,
+            )
+        )
+
+    async def audit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        completion: str | None = None,
+        saliency: str | dict[str, Any] | None = "atman",
+        adapter: str | None = None,
+        max_new_tokens: int = 256,
+        analysis: dict[str, Any] | None = None,
+    ) -> AuditReport:
+        """Annotate a completion you have, or generate one (greedy) and annotate it."""
+        return await self._run(
+            audit_call(
+                prompt,
+                messages=messages,
+                completion=completion,
+                saliency=saliency,
+                adapter=adapter,
+                max_new_tokens=max_new_tokens,
+                analysis=analysis,
+            )
+        )
+
+    async def capabilities(self) -> Capabilities:
+        """The saliency methods, credit strategies, granularities and metrics this server offers."""
+        return await self._run(capabilities_call())
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        analysis: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
+        """OpenAI chat completion (a dict), or with ``stream=True`` an async iterator of chunks (``await`` the
+        call, then ``async for``); annotations come as ``response["faithlens"]`` / a last chunk with
+        ``faithlens``."""
+        call = chat_call(messages, model, analysis, stream, **options)
+        return self._stream(call) if stream else await self._run(call)
+
+    def chat_stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        analysis: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``chat(..., stream=True)`` without the ``await``: ``async for chunk in client.chat_stream(...)``."""
+        return self._stream(chat_call(messages, model, analysis, True, **options))
+
+    def follow_job(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's events (past ones first) as they happen, until the job finishes:
+        ``async for event in client.follow_job(job_id)``."""
+        return self._stream(follow_job_call(job_id))
 
     async def wait(
         self,
         job_id: str,
-        on_progress: Callable[[Job, list[JobEvent]], None] | None = None,
+        on_progress: ProgressCallback | None = None,
         poll_interval: float = 1.0,
         timeout: float | None = None,
     ) -> Job:
+        """Poll until the job finishes; ``on_progress(job, new_events)`` after each poll with news."""
         progress = _Progress(job_id, on_progress, timeout)
         while True:
             job = await self.jobs.get(job_id)

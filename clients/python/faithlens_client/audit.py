@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faithlens_client.render import render_page
 from faithlens_client.types import Analysis, Generation, Summary, TokenAnnotation
+
+if TYPE_CHECKING:  # pandas is optional (the `pandas` extra)
+    import pandas
 
 
 class AuditReport:
@@ -50,7 +53,8 @@ class AuditReport:
     def to_records(self) -> list[dict[str, Any]]:
         return [t.model_dump() for t in self.tokens]
 
-    def to_dataframe(self):
+    def to_dataframe(self) -> pandas.DataFrame:
+        """One row per response token, indexed by position (needs pandas)."""
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the environment

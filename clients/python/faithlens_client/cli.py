@@ -8,6 +8,8 @@ scripts. Server and key come from ``--base-url``/``--api-key`` or ``$FAITHLENS_B
     faithlens jobs watch ftjob-...
     faithlens adapters load mine mine/3
     faithlens models
+    faithlens capabilities                 # the saliency methods, credit strategies, ... the server offers
+    faithlens jobs list --json             # --json, --base-url, --api-key go before or after the command
 """
 
 from __future__ import annotations
@@ -111,150 +113,241 @@ def _watch(client: Faithlens, job_id: str, as_json: bool) -> Job:
         return client.wait(job_id, on_progress=on_progress)
 
 
+class UsageError(Exception):
+    """A request the CLI refuses before sending it (exit status 2)."""
+
+
+def _messages(prompt: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def _check_saliency(client: Faithlens, name: str | None) -> None:
+    """``--saliency`` takes any name; the server's ``/v1/capabilities`` says which exist."""
+    if name is None:
+        return
+    offered = client.capabilities().saliency_method_names
+    if name not in offered:
+        raise UsageError(f"unknown saliency method {name!r}; this server offers: {', '.join(offered)}")
+
+
+# -- one function per command: (args, client) -> exit status ------------------------------------------------
+def cmd_generate(args: argparse.Namespace, client: Faithlens) -> int:
+    _check_saliency(client, args.saliency)
+    result = client.generate(
+        messages=_messages(args.prompt),
+        adapter=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        analysis={},
+        saliency=args.saliency,
+    )
+    print(_dump(result)) if args.json else _print_generation(result)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace, client: Faithlens) -> int:
+    _check_saliency(client, args.saliency)
+    result = client.analyze(
+        messages=_messages(args.prompt),
+        completion=args.completion,
+        adapter=args.adapter,
+        saliency=args.saliency,
+    )
+    print(_dump(result)) if args.json else _print_generation(result)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, client: Faithlens) -> int:
+    _check_saliency(client, args.saliency)
+    report = client.audit(
+        messages=_messages(args.prompt),
+        completion=args.completion,
+        saliency=args.saliency,
+        adapter=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+    )
+    report.to_html(args.html)
+    print(_dump(report.summary) if args.json else f"wrote {args.html}: {report.summary.num_anchors} anchors")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, client: Faithlens) -> int:
+    models = client.models.list()
+    lines = [m.id + (f"  (adapter of {m.parent}, {m.root})" if m.parent else "  (base)") for m in models]
+    print(_dump(models) if args.json else "\n".join(lines))
+    return 0
+
+
+def cmd_capabilities(args: argparse.Namespace, client: Faithlens) -> int:
+    caps = client.capabilities()
+    if args.json:
+        print(_dump(caps))
+        return 0
+    print("saliency methods (--saliency):")
+    width = max((len(m.name) for m in caps.saliency_methods), default=0)
+    for m in caps.saliency_methods:
+        print(f"  {m.name:<{width}}  {m.description}" + (f"  [cost: {m.cost}]" if m.cost else ""))
+    print("credit strategies (jobs create --set credit=...):")
+    width = max((len(c.name) for c in caps.credit_strategies), default=0)
+    for c in caps.credit_strategies:
+        print(f"  {c.name:<{width}}  {c.description}")
+    print("granularities:", ", ".join(caps.granularities))
+    print("metrics:", ", ".join(caps.metrics))
+    return 0
+
+
+def cmd_adapters_list(args: argparse.Namespace, client: Faithlens) -> int:
+    adapters = client.adapters.list()
+    print(_dump(adapters) if args.json else "\n".join(f"{a.name}  v{a.version}  {a.path}" for a in adapters))
+    return 0
+
+
+def cmd_adapters_load(args: argparse.Namespace, client: Faithlens) -> int:
+    adapter = client.adapters.load(args.name, args.path)
+    print(_dump(adapter) if args.json else f"loaded {adapter.name} (v{adapter.version})")
+    return 0
+
+
+def cmd_adapters_unload(args: argparse.Namespace, client: Faithlens) -> int:
+    adapter = client.adapters.unload(args.name)
+    print(_dump(adapter) if args.json else f"unloaded {adapter.name} (v{adapter.version})")
+    return 0
+
+
+def cmd_jobs_create(args: argparse.Namespace, client: Faithlens) -> int:
+    method: dict[str, Any] = {"type": args.method}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        method[key] = _value(value)
+    data: str | dict[str, Any] = "gsm8k-train"
+    if args.training_file:
+        with open(args.training_file, encoding="utf-8") as fh:
+            data = {"jsonl": fh.read()}
+    job = client.jobs.create(
+        method=method, training_data=data, adapter_name=args.adapter_name, seed=args.seed
+    )
+    print(_dump(job) if args.json else f"created {job.id} ({job.status})")
+    if args.watch:
+        job = _watch(client, job.id, args.json)
+        return 0 if job.status == "succeeded" else 1
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace, client: Faithlens) -> int:
+    jobs = client.jobs.list(limit=args.limit)
+    print(_dump(jobs)) if args.json else _print_jobs(jobs)
+    return 0
+
+
+def cmd_jobs_get(args: argparse.Namespace, client: Faithlens) -> int:
+    job = client.jobs.get(args.job_id)
+    print(_dump(job)) if args.json else _print_jobs([job])
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace, client: Faithlens) -> int:
+    job = client.jobs.cancel(args.job_id)
+    print(_dump(job) if args.json else f"{job.id}: {job.status}")
+    return 0
+
+
+def cmd_jobs_watch(args: argparse.Namespace, client: Faithlens) -> int:
+    job = _watch(client, args.job_id, args.json)
+    if not args.json:
+        _print_jobs([job])
+    return 0 if job.status == "succeeded" else 1
+
+
+# -- the parser ----------------------------------------------------------------------------------------------
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """``--base-url``, ``--api-key`` and ``--json``, accepted before or after any subcommand. Subcommands
+    declare them with ``default=SUPPRESS``, so a value given before the subcommand is not overwritten by the
+    subcommand's default."""
+    none: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--base-url", default=none, help="server URL (default: $FAITHLENS_BASE_URL)")
+    parser.add_argument("--api-key", default=none, help="API key (default: $FAITHLENS_API_KEY)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable output",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faithlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--base-url", default=None)
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(group: Any, name: str, handler: Any = None, **kwargs: Any) -> argparse.ArgumentParser:
+        p = group.add_parser(name, **kwargs)
+        _global_options(p, suppress=True)
+        if handler is not None:
+            p.set_defaults(handler=handler)
+        return p
 
     def prompt_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("prompt", help="the user message (chat template applied)")
         p.add_argument("--adapter")
-        p.add_argument("--saliency", choices=["atman", "atman_grad", "atman_rl"])
+        p.add_argument("--saliency", metavar="METHOD", help="see `faithlens capabilities`")
 
-    gen = sub.add_parser("generate", help="generate an annotated answer")
+    gen = command(sub, "generate", cmd_generate, help="generate an annotated answer")
     prompt_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int)
-    ana = sub.add_parser("analyze", help="annotate a completion you have")
+    ana = command(sub, "analyze", cmd_analyze, help="annotate a completion you have")
     prompt_args(ana)
     ana.add_argument("--completion", required=True)
-    aud = sub.add_parser("audit", help="generate (or take --completion) and write the HTML audit view")
+    aud = command(
+        sub, "audit", cmd_audit, help="generate (or take --completion) and write the HTML audit view"
+    )
     prompt_args(aud)
     aud.add_argument("--completion")
     aud.add_argument("--max-new-tokens", type=int, default=256)
     aud.add_argument("--html", required=True, help="output file")
 
-    jobs = sub.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="action", required=True)
-    create = jobs.add_parser("create")
+    jobs = command(sub, "jobs", help="fine-tuning jobs").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = command(jobs, "create", cmd_jobs_create, help="start a job")
     create.add_argument("--adapter-name", required=True)
     create.add_argument("--method", choices=["grpo", "atmanrl"], default="grpo")
     create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter")
     create.add_argument("--training-file", help="a JSONL file of {question, answer} (default: gsm8k-train)")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--watch", action="store_true")
-    lst = jobs.add_parser("list")
-    lst.add_argument("--limit", type=int, default=20)
-    for name in ("get", "watch", "cancel"):
-        jobs.add_parser(name).add_argument("job_id")
+    command(jobs, "list", cmd_jobs_list, help="recent jobs").add_argument("--limit", type=int, default=20)
+    for name, handler, text in (
+        ("get", cmd_jobs_get, "one job"),
+        ("watch", cmd_jobs_watch, "follow a job until it finishes"),
+        ("cancel", cmd_jobs_cancel, "stop a job"),
+    ):
+        command(jobs, name, handler, help=text).add_argument("job_id")
 
-    adapters = sub.add_parser("adapters", help="served adapters").add_subparsers(dest="action", required=True)
-    adapters.add_parser("list")
-    load = adapters.add_parser("load")
+    adapters = command(sub, "adapters", help="served adapters").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    command(adapters, "list", cmd_adapters_list, help="loaded adapters")
+    load = command(adapters, "load", cmd_adapters_load, help="load (or reload) an adapter")
     load.add_argument("name")
     load.add_argument("path", help="inside the server's adapter store")
-    adapters.add_parser("unload").add_argument("name")
-    sub.add_parser("models", help="the base model and adapters")
+    command(adapters, "unload", cmd_adapters_unload, help="unload an adapter").add_argument("name")
+    command(sub, "models", cmd_models, help="the base model and adapters")
+    command(
+        sub,
+        "capabilities",
+        cmd_capabilities,
+        help="the saliency methods, credit strategies, ... the server offers",
+    )
     return parser
 
 
 def run(args: argparse.Namespace, client: Faithlens) -> int:
-    out = print
-    if args.command == "generate":
-        result = client.generate(
-            messages=[{"role": "user", "content": args.prompt}],
-            adapter=args.adapter,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-            analysis={},
-            saliency=args.saliency,
-        )
-        out(_dump(result)) if args.json else _print_generation(result)
-    elif args.command == "analyze":
-        result = client.analyze(
-            messages=[{"role": "user", "content": args.prompt}],
-            completion=args.completion,
-            adapter=args.adapter,
-            saliency=args.saliency,
-        )
-        out(_dump(result)) if args.json else _print_generation(result)
-    elif args.command == "audit":
-        report = client.audit(
-            messages=[{"role": "user", "content": args.prompt}],
-            completion=args.completion,
-            saliency=args.saliency,
-            adapter=args.adapter,
-            max_new_tokens=args.max_new_tokens,
-        )
-        report.to_html(args.html)
-        out(
-            _dump(report.summary) if args.json else f"wrote {args.html}: {report.summary.num_anchors} anchors"
-        )
-    elif args.command == "models":
-        models = client.models.list()
-        out(
-            _dump(models)
-            if args.json
-            else "\n".join(
-                f"{m.id}" + (f"  (adapter of {m.parent}, {m.root})" if m.parent else "  (base)")
-                for m in models
-            )
-        )
-    elif args.command == "adapters":
-        if args.action == "list":
-            result = client.adapters.list()
-            out(
-                _dump(result) if args.json else "\n".join(f"{a.name}  v{a.version}  {a.path}" for a in result)
-            )
-        else:
-            result = (
-                client.adapters.load(args.name, args.path)
-                if args.action == "load"
-                else client.adapters.unload(args.name)
-            )
-            out(_dump(result) if args.json else f"{args.action}ed {result.name} (v{result.version})")
-    elif args.command == "jobs":
-        return _jobs(args, client)
-    return 0
-
-
-def _jobs(args: argparse.Namespace, client: Faithlens) -> int:
-    if args.action == "create":
-        method = {"type": args.method}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            method[key] = _value(value)
-        data: Any = "gsm8k-train"
-        if args.training_file:
-            with open(args.training_file, encoding="utf-8") as fh:
-                data = {"jsonl": fh.read()}
-        job = client.jobs.create(
-            method=method, training_data=data, adapter_name=args.adapter_name, seed=args.seed
-        )
-        print(_dump(job) if args.json else f"created {job.id} ({job.status})")
-        if args.watch:
-            job = _watch(client, job.id, args.json)
-            return 0 if job.status == "succeeded" else 1
-    elif args.action == "list":
-        jobs = client.jobs.list(limit=args.limit)
-        print(_dump(jobs)) if args.json else _print_jobs(jobs)
-    elif args.action == "get":
-        job = client.jobs.get(args.job_id)
-        print(_dump(job)) if args.json else _print_jobs([job])
-    elif args.action == "cancel":
-        job = client.jobs.cancel(args.job_id)
-        print(_dump(job) if args.json else f"{job.id}: {job.status}")
-    elif args.action == "watch":
-        job = _watch(client, args.job_id, args.json)
-        if not args.json:
-            _print_jobs([job])
-        return 0 if job.status == "succeeded" else 1
-    return 0
+    return args.handler(args, client)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Faithlens(base_url=args.base_url, api_key=args.api_key) as client:
             return run(args, client)
-    except FaithlensError as exc:
+    except (FaithlensError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -161,3 +161,32 @@ class Checkpoint(_Model):
     path: str
     metrics: dict[str, Any]
     created_at: int
+
+
+class SaliencyMethodInfo(_Model):
+    """A saliency method the server runs (``analysis.saliency.method``)."""
+
+    name: str
+    description: str = ""
+    cost: str | None = None
+
+
+class CreditStrategyInfo(_Model):
+    """A credit-assignment strategy fine-tuning jobs accept (``method.credit``)."""
+
+    name: str
+    description: str = ""
+
+
+class Capabilities(_Model):
+    """The answer of ``GET /v1/capabilities``: what this server offers, by name."""
+
+    object: str = "capabilities"
+    saliency_methods: list[SaliencyMethodInfo]
+    credit_strategies: list[CreditStrategyInfo]
+    granularities: list[str]
+    metrics: list[str]
+
+    @property
+    def saliency_method_names(self) -> list[str]:
+        return [m.name for m in self.saliency_methods]
