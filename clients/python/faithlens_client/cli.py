@@ -21,7 +21,7 @@ from typing import Any
 
 from faithlens_client import Faithlens
 from faithlens_client.audit import AuditReport
-from faithlens_client.errors import FaithlensError
+from faithlens_client.errors import FaithlensError, NotFoundError
 from faithlens_client.types import Generation, Job, JobEvent
 
 
@@ -122,10 +122,14 @@ def _messages(prompt: str) -> list[dict[str, Any]]:
 
 
 def _check_saliency(client: Faithlens, name: str | None) -> None:
-    """``--saliency`` takes any name; the server's ``/v1/capabilities`` says which exist."""
+    """``--saliency`` takes any name; the server's ``/v1/capabilities`` says which exist. (A server too old to
+    list them judges the name itself.)"""
     if name is None:
         return
-    offered = client.capabilities().saliency_method_names
+    try:
+        offered = client.capabilities().saliency_method_names
+    except NotFoundError:
+        return
     if name not in offered:
         raise UsageError(f"unknown saliency method {name!r}; this server offers: {', '.join(offered)}")
 
