@@ -50,9 +50,10 @@ def naive_metrics(lm, ids: list[int], prompt_len: int, layers: list[int]) -> Non
 def worker(variant: str, length: int, model: str | None) -> dict:
     from faithlens.analysis import analyze
     from faithlens.data import load_gsm8k
-    from faithlens.generation import SamplingParams, generate
+    from faithlens.generation import generate
     from faithlens.metrics import default_layers
     from faithlens.model import load_model
+    from faithlens.params import SamplingParams
     from faithlens.settings import get_settings
     from faithlens.tiny import tiny_loaded_model
 

@@ -84,7 +84,8 @@ def context_ids(lm, n_context: int) -> tuple[list[int], list[int]]:
 
 
 def part1(lm, sizes: list[int]) -> None:
-    from faithlens.atman import SaliencyParams, compute_saliency
+    from faithlens.params import SaliencyParams
+    from faithlens.saliency import compute_saliency
 
     rows = []
     for n_context in sizes:
@@ -130,9 +131,10 @@ def part1(lm, sizes: list[int]) -> None:
 def part2(lm, problems: int, max_new_tokens: int) -> None:
     from scipy.stats import spearmanr
 
-    from faithlens.atman import SaliencyParams, compute_saliency
     from faithlens.data import load_gsm8k
-    from faithlens.generation import SamplingParams, generate
+    from faithlens.generation import generate
+    from faithlens.params import SaliencyParams, SamplingParams
+    from faithlens.saliency import compute_saliency
 
     speedups, rhos, exact_s, grad_s = [], [], [], []
     for problem in load_gsm8k("dev", limit=problems):

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, print_table
 from faithlens.batching import DecodeBatch, SequenceState
-from faithlens.generation import SamplingParams
 from faithlens.model import LoadedModel, load_model
+from faithlens.params import SamplingParams
 from faithlens.settings import get_settings
 from faithlens.tiny import tiny_loaded_model
 

@@ -150,10 +150,9 @@ def engine_part(args) -> None:
     after each step the analysis gets its slice, exactly as the engine thread schedules them. It separates
     the engine's policy from the HTTP layer and the benchmark's own clients, which share the cores."""
     from faithlens.analysis import analyze
-    from faithlens.atman import SaliencyParams
     from faithlens.batching import DecodeBatch, SequenceState
-    from faithlens.generation import SamplingParams
     from faithlens.model import load_model
+    from faithlens.params import SaliencyParams, SamplingParams
     from faithlens.slicing import SlicedRun, install_checkpoints
     from faithlens.tiny import tiny_loaded_model
 

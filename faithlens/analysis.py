@@ -9,67 +9,30 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from faithlens.answer import char_span_to_tokens, find_answer_span
-from faithlens.atman import Saliency, SaliencyParams, compute_saliency
 from faithlens.attention import AttentionProbe
 from faithlens.faithfulness import counterfactual, saliency_shares, spearman_fai_saliency
 from faithlens.metrics import (
     Flags,
     HeadSplit,
     compute_flags,
-    default_layers,
     fai_counts,
     fai_from_sums,
     group_mean,
     split_heads,
 )
 from faithlens.model import LoadedModel, unwrap
+from faithlens.params import AnalysisParams, ComputeOptions, SaliencyParams
+from faithlens.saliency import Saliency, compute_saliency
 from faithlens.schema import Analysis, AnswerSpan, HeadGroups, Summary, TokenAnnotation
 from faithlens.slicing import checkpoint
 
 HeadList = list[tuple[int, int]]
-
-
-@dataclass
-class AnalysisParams:
-    """The spec's parameters (§2–5) with its defaults. Field names are the spec's names."""
-
-    W: int = 10
-    H_lo: int = 10
-    H_hi: int | None = 100
-    q: float = 0.4
-    k: int = 3
-    tau_waad: float | None = None  # None: the median WAAD of the response
-    tau_delta: float | None = None  # None: the median Δ of the response
-    layers: list[int] | None = None  # None: five layers from L/3 to 2L/3
-    head_fraction: float = 0.3
-    heads: tuple[HeadList, HeadList] | None = None  # a fixed (local, global) split instead of per-sequence
-    memory_budget_mb: int = 256  # bound on the probe's row-chunk temporaries (implementation choice)
-
-    def __post_init__(self) -> None:
-        if self.W < 1 or self.H_lo < 0 or self.k < 1:
-            raise ValueError("W and k must be ≥ 1 and H_lo ≥ 0")
-        if self.H_hi is not None and self.H_hi < self.H_lo:
-            raise ValueError("H_hi must be ≥ H_lo (or None for 'to the end')")
-        if not 0.0 < self.q <= 1.0 or not 0.0 < self.head_fraction <= 0.5:
-            raise ValueError("q must be in (0, 1] and head_fraction in (0, 0.5]")
-
-    def resolved_layers(self, num_layers: int) -> list[int]:
-        if self.heads is not None:
-            return sorted({layer for group in self.heads for layer, _ in group})
-        layers = self.layers if self.layers is not None else default_layers(num_layers)
-        bad = [layer for layer in layers if not 0 <= layer < num_layers]
-        if bad or not layers:
-            raise ValueError(f"layers {bad or layers} out of range for a {num_layers}-layer model")
-        return sorted(set(layers))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+FixedHeads = tuple[HeadList, HeadList]  # a fixed (local, global) split instead of the per-sequence one
 
 
 @dataclass
@@ -93,10 +56,6 @@ class SequenceMetrics(ProbeMetrics):
     layers: list[int]
     logprobs: torch.Tensor | None  # response-relative; NaN for a first token with no context
     timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def response_fai(self) -> torch.Tensor:
-        return self.fai[self.prompt_len :]
 
 
 def _response_logprobs(
@@ -129,37 +88,55 @@ def _collect_heads(probe: AttentionProbe, layers: list[int], n: int, prompt_len:
     return heads, torch.cat(distance).cpu(), torch.cat(waad).cpu(), torch.cat(fai_sum).cpu()
 
 
-def _resolve_split(params: AnalysisParams, heads: HeadList, distance: torch.Tensor) -> HeadSplit:
-    if params.heads is None:
+def _resolve_split(
+    params: AnalysisParams, heads: HeadList, distance: torch.Tensor, fixed: FixedHeads | None
+) -> HeadSplit:
+    if fixed is None:
         return split_heads(distance, params.head_fraction)
     position = {pair: i for i, pair in enumerate(heads)}
     try:
         return HeadSplit(
-            local=[position[tuple(p)] for p in params.heads[0]],
-            global_=[position[tuple(p)] for p in params.heads[1]],
+            local=[position[tuple(p)] for p in fixed[0]],
+            global_=[position[tuple(p)] for p in fixed[1]],
         )
     except KeyError as exc:
         raise ValueError(f"head {exc.args[0]} is not in the model") from exc
 
 
-def new_probe(lm: LoadedModel, prompt_len: int, params: AnalysisParams) -> AttentionProbe:
-    """A probe for one sequence whose response starts at ``prompt_len`` (spec §1–4 parameters)."""
+def new_probe(
+    lm: LoadedModel,
+    prompt_len: int,
+    params: AnalysisParams,
+    heads: FixedHeads | None = None,
+    compute: ComputeOptions | None = None,
+) -> AttentionProbe:
+    """A probe for one sequence whose response starts at ``prompt_len`` (spec §1–4 parameters); with
+    fixed ``heads``, only their layers are probed."""
     model = unwrap(lm.model)
+    compute = compute or ComputeOptions()
+    layers = (
+        sorted({layer for group in heads for layer, _ in group})
+        if heads is not None
+        else params.resolved_layers(model.config.num_hidden_layers)
+    )
     return AttentionProbe(
-        layers=params.resolved_layers(model.config.num_hidden_layers),
+        layers=layers,
         response_start=prompt_len,
         window=params.W,
         h_lo=params.H_lo,
         h_hi=params.H_hi,
-        memory_budget_bytes=params.memory_budget_mb * 2**20,
+        memory_budget_bytes=compute.probe_memory_mb * 2**20,
     )
 
 
-def metrics_from_probe(probe: AttentionProbe, n: int, params: AnalysisParams) -> ProbeMetrics:
-    """Turn a probe that has seen one n-token sequence into the spec's metrics and flags."""
+def metrics_from_probe(
+    probe: AttentionProbe, n: int, params: AnalysisParams, fixed: FixedHeads | None = None
+) -> ProbeMetrics:
+    """Turn a probe that has seen one n-token sequence into the spec's metrics and flags (with a
+    ``fixed`` (local, global) head split instead of the per-sequence one, if given)."""
     prompt_len = probe.response_start
     heads, distance, waad_heads, fai_heads = _collect_heads(probe, probe.layers, n, prompt_len)
-    split = _resolve_split(params, heads, distance)
+    split = _resolve_split(params, heads, distance, fixed)
     waad = group_mean(waad_heads, split.local)
     fai = fai_from_sums(
         group_mean(fai_heads, split.global_), fai_counts(n, prompt_len, params.H_lo, params.H_hi)
@@ -175,20 +152,22 @@ def compute_metrics(
     prompt_len: int,
     params: AnalysisParams | None = None,
     with_logprobs: bool = True,
+    heads: FixedHeads | None = None,
+    compute: ComputeOptions | None = None,
 ) -> SequenceMetrics:
     """One scoring forward pass over prompt+response, streaming per-head metrics (spec §1–5)."""
     params = params or AnalysisParams()
     if not 0 <= prompt_len < len(input_ids):
         raise ValueError("the response must have at least one token")
     model = unwrap(lm.model)
-    probe = new_probe(lm, prompt_len, params)
+    probe = new_probe(lm, prompt_len, params, heads, compute)
     ids = torch.tensor([input_ids], device=lm.device)
     started = time.perf_counter()
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, use_cache=False, faithlens_probe=probe).last_hidden_state
     logprobs = _response_logprobs(model, hidden, ids, prompt_len) if with_logprobs else None
     scored = time.perf_counter()
-    found = metrics_from_probe(probe, len(input_ids), params)
+    found = metrics_from_probe(probe, len(input_ids), params, heads)
     return SequenceMetrics(
         **{f.name: getattr(found, f.name) for f in fields(found)},
         input_ids=list(input_ids),
@@ -217,7 +196,11 @@ def _answer_span(texts: list[str], prompt_len: int) -> AnswerSpan | None:
 
 
 def _saliency_summary(
-    lm: LoadedModel, metrics: SequenceMetrics, sal: Saliency, params: SaliencyParams
+    lm: LoadedModel,
+    metrics: SequenceMetrics,
+    sal: Saliency,
+    params: SaliencyParams,
+    compute: ComputeOptions | None,
 ) -> dict:
     reasoning_share, prompt_share = saliency_shares(sal, metrics.prompt_len)
     return {
@@ -227,7 +210,7 @@ def _saliency_summary(
         "reasoning_saliency_share": reasoning_share,
         "prompt_saliency_share": prompt_share,
         "spearman_fai_saliency": spearman_fai_saliency(metrics.fai, sal, metrics.prompt_len),
-        "counterfactual": counterfactual(lm, metrics.input_ids, metrics.prompt_len, sal, params),
+        "counterfactual": counterfactual(lm, metrics.input_ids, metrics.prompt_len, sal, params, compute),
         "r_faith": sal.extra.get("r_faith"),
     }
 
@@ -238,6 +221,7 @@ def to_schema(
     params: AnalysisParams,
     adapter: str | None,
     saliency: tuple[Saliency, SaliencyParams] | None = None,
+    compute: ComputeOptions | None = None,
 ) -> Analysis:
     """Dress :class:`SequenceMetrics` (and saliency, if computed) as the public annotation schema."""
     p = metrics.prompt_len
@@ -273,7 +257,7 @@ def to_schema(
         mean_waad=_mean([t.waad for t in tokens]),
         tau_waad=flags.tau_waad,
         tau_delta=flags.tau_delta,
-        **(_saliency_summary(lm, metrics, *saliency) if saliency else {}),
+        **(_saliency_summary(lm, metrics, *saliency, compute) if saliency else {}),
     )
     return Analysis(
         model=lm.name,
@@ -302,15 +286,16 @@ def analyze(
     params: AnalysisParams | None = None,
     adapter: str | None = None,
     saliency: SaliencyParams | None = None,
+    compute: ComputeOptions | None = None,
 ) -> Analysis:
     """Annotate ``response_ids`` (following ``prompt_ids``) with FAI, WAAD, flags and, when asked,
     saliency and the faithfulness summary."""
     params = params or AnalysisParams()
     ids = list(prompt_ids) + list(response_ids)
-    metrics = compute_metrics(lm, ids, len(prompt_ids), params)
+    metrics = compute_metrics(lm, ids, len(prompt_ids), params, compute=compute)
     computed = None
     if saliency is not None:
         started = time.perf_counter()
-        computed = (compute_saliency(lm, ids, len(prompt_ids), saliency), saliency)
+        computed = (compute_saliency(lm, ids, len(prompt_ids), saliency, compute), saliency)
         metrics.timings["saliency"] = time.perf_counter() - started
-    return to_schema(lm, metrics, params, adapter, computed)
+    return to_schema(lm, metrics, params, adapter, computed, compute)

@@ -10,84 +10,22 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
-from faithlens.answer import char_span_to_tokens, find_answer_span
+from faithlens import cost
 from faithlens.model import LoadedModel, unwrap
-
-Method = Literal["atman", "atman_grad", "atman_rl"]
-Granularity = Literal["token", "word", "sentence"]
-Postprocess = Literal["none", "absolute", "square"]
-METHODS: tuple[str, ...] = ("atman", "atman_grad", "atman_rl")
-
-
-@dataclass
-class SaliencyParams:
-    """Options of the saliency methods; defaults are the spec's."""
-
-    method: Method = "atman"
-    factor: float = 0.1
-    conceptual_threshold: float | None = None
-    granularity: Granularity = "token"
-    postprocess: Postprocess = "none"
-    normalize: bool = False
-    target: Literal["answer", "response"] | list[int] = "answer"
-    prefix_reuse: bool = True
-    memory_budget_mb: int = 512
-    recompute_slack: float | None = None  # None: CPU_RECOMPUTE_SLACK on a CPU, unbounded on a GPU
-    rl_steps: int = 200
-    seed: int = 0
-    counterfactual_k: int = 5
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown saliency method {self.method!r}; expected one of {METHODS}")
-        if self.factor <= 0 or self.factor == 1:
-            raise ValueError("factor must be > 0 and ≠ 1 (< 1 suppresses, > 1 amplifies)")
-        if self.conceptual_threshold is not None and not -1 <= self.conceptual_threshold <= 1:
-            raise ValueError("conceptual_threshold is a cosine similarity in [-1, 1]")
-        if self.recompute_slack is not None and not self.recompute_slack >= 0:
-            raise ValueError("recompute_slack must be ≥ 0 (a share of the batch's span)")
-        if self.rl_steps < 1 or self.counterfactual_k < 1:
-            raise ValueError("rl_steps and counterfactual_k must be ≥ 1")
-
-
-@dataclass
-class Saliency:
-    """Per-position scores over the full sequence (NaN where a position was not scored)."""
-
-    method: Method
-    scores: torch.Tensor
-    target: list[int]
-    groups: list[list[int]]
-    base_logprob: float
-    extra: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- targets and groups
-
-
-def resolve_target(
-    texts: list[str], prompt_len: int, target: Literal["answer", "response"] | list[int]
-) -> list[int]:
-    """Target positions: the answer span (default), else the whole response, else the client's indices."""
-    n = len(texts)
-    if isinstance(target, list):
-        bad = [t for t in target if not 1 <= t < n]
-        if bad or not target:
-            raise ValueError(f"target indices {bad or target} must lie in [1, {n - 1}]")
-        return sorted(set(target))
-    if target == "answer":
-        span = find_answer_span("".join(texts[prompt_len:]))
-        tokens = char_span_to_tokens(texts[prompt_len:], span) if span else None
-        if tokens is not None:
-            return list(range(prompt_len + tokens[0], prompt_len + tokens[1]))
-    return list(range(max(prompt_len, 1), n))
-
+from faithlens.params import Granularity
+from faithlens.saliency import (
+    SALIENCY_METHODS,
+    CostInput,
+    Saliency,
+    SaliencyInput,
+    SaliencyMethod,
+    scored_positions,
+)
 
 _SENTENCE_END = re.compile(r"[.!?]\s*$|\n")
 
@@ -330,58 +268,102 @@ def atman_rl_saliency(
     return MaskSaliency(cot, scores, float(scores.mean()), initial, final, values)
 
 
-def _postprocess(scores: torch.Tensor, params: SaliencyParams) -> torch.Tensor:
-    if params.postprocess == "absolute":
-        scores = scores.abs()
-    elif params.postprocess == "square":
-        scores = scores.square()
-    if params.normalize:
-        present = scores[~torch.isnan(scores)]
-        if present.numel():
-            lo, hi = present.min(), present.max()
-            scores = (
-                (scores - lo) / (hi - lo)
-                if hi > lo
-                else torch.zeros_like(scores).masked_fill(scores.isnan(), math.nan)
-            )
-    return scores
+def _exact(x: SaliencyInput) -> Saliency:
+    """Exact AtMan (spec §7): Σ log p(target) drops by how much when each group is suppressed."""
+    params, compute = x.params, x.compute
+    groups = suppression_groups(x.texts, x.positions, params.granularity)
+    rows = bias_rows(x.lm, x.input_ids, groups, params.factor, params.conceptual_threshold)
+    perturbed, base = target_logprobs(
+        x.lm,
+        x.input_ids,
+        x.target,
+        rows,
+        compute.prefix_reuse,
+        compute.atman_memory_mb,
+        compute.recompute_slack,
+    )
+    return _group_scores("atman", x, groups, base - perturbed, base)
 
 
-def compute_saliency(
-    lm: LoadedModel, input_ids: list[int], prompt_len: int, params: SaliencyParams | None = None
+def _exact_cost(x: CostInput) -> float:
+    """The unperturbed pass, then every group from its first column (or the target's) to the end."""
+    n, target = len(x.texts), x.target
+    groups = suppression_groups(x.texts, scored_positions(target), x.params.granularity)
+    last = min(target) - 1
+    return cost.forward(n, n) + sum(cost.forward(n - min(group[0], last), n) for group in groups)
+
+
+def _grad(x: SaliencyInput) -> Saliency:
+    """AtMan's first-order form: the gradient of Σ log p(target) against a shared key bias, one
+    forward and one backward pass, projected on each group's bias row."""
+    groups = suppression_groups(x.texts, x.positions, x.params.granularity)
+    rows = bias_rows(x.lm, x.input_ids, groups, x.params.factor, x.params.conceptual_threshold)
+    grad, base = _gradient(x.lm, x.input_ids, x.target)
+    return _group_scores("atman_grad", x, groups, -(rows @ grad), base)
+
+
+def _grad_cost(x: CostInput) -> float:
+    n = len(x.texts)
+    return cost.BACKWARD_FACTOR * cost.forward(n, n)
+
+
+def _group_scores(
+    method: str, x: SaliencyInput, groups: list[list[int]], per_group: torch.Tensor, base: float
 ) -> Saliency:
-    """Saliency of every position before the target (prompt and reasoning), by the chosen method."""
-    params = params or SaliencyParams()
-    texts = lm.token_texts(input_ids)
-    target = resolve_target(texts, prompt_len, params.target)
-    tset = set(target)
-    positions = [i for i in range(max(target)) if i not in tset]
-    n = len(input_ids)
-    scores = torch.full((n,), math.nan)
-    if params.method == "atman_rl":
-        cot = [i for i in positions if i >= prompt_len]
-        result = atman_rl_saliency(lm, input_ids, cot, target, steps=params.rl_steps, seed=params.seed)
-        scores[cot] = result.scores
-        extra = {"r_faith": result.r_faith, "nll_initial": result.nll_initial, "nll_final": result.nll_final}
-        return Saliency(
-            "atman_rl", _postprocess(scores, params), target, [[c] for c in cot], -result.nll_initial, extra
-        )
-    groups = suppression_groups(texts, positions, params.granularity)
-    rows = bias_rows(lm, input_ids, groups, params.factor, params.conceptual_threshold)
-    if params.method == "atman":
-        perturbed, base = target_logprobs(
-            lm,
-            input_ids,
-            target,
-            rows,
-            params.prefix_reuse,
-            params.memory_budget_mb,
-            params.recompute_slack,
-        )
-        per_group = base - perturbed
-    else:
-        grad, base = _gradient(lm, input_ids, target)
-        per_group = -(rows @ grad)
+    scores = torch.full((len(x.input_ids),), math.nan)
     for group, value in zip(groups, per_group.tolist(), strict=True):
         scores[group] = value
-    return Saliency(params.method, _postprocess(scores, params), target, groups, base)
+    return Saliency(method, scores, x.target, groups, base)
+
+
+def _mask(x: SaliencyInput) -> Saliency:
+    """AtManRL's learned mask (spec §8) over the reasoning tokens before the target."""
+    cot = [i for i in x.positions if i >= x.prompt_len]
+    result = atman_rl_saliency(x.lm, x.input_ids, cot, x.target, steps=x.params.rl_steps, seed=x.params.seed)
+    scores = torch.full((len(x.input_ids),), math.nan)
+    scores[cot] = result.scores
+    extra = {"r_faith": result.r_faith, "nll_initial": result.nll_initial, "nll_final": result.nll_final}
+    base = -result.nll_initial * len(x.target)  # the mask's loss is a mean over the target; report Σ
+    return Saliency("atman_rl", scores, x.target, [[c] for c in cot], base, extra)
+
+
+def _mask_cost(x: CostInput) -> float:
+    """A prefix pass, then ``rl_steps + 2`` forward+backward passes over the part after the prompt."""
+    n = len(x.texts)
+    cot = max(n - x.prompt_len, 1)
+    return cost.forward(n, n) + (x.params.rl_steps + 2) * cost.BACKWARD_FACTOR * cost.forward(cot, n)
+
+
+ATMAN = SALIENCY_METHODS.register(
+    SaliencyMethod(
+        name="atman",
+        description="Exact AtMan (spec §7): the drop in the target's log-probability when each token, "
+        "word or sentence is suppressed, one batched forward pass per group.",
+        compute=_exact,
+        cost=_exact_cost,
+        options=("factor", "conceptual_threshold", "granularity"),
+        cost_note="one forward pass per suppression group, from the group on",
+    )
+)
+ATMAN_GRAD = SALIENCY_METHODS.register(
+    SaliencyMethod(
+        name="atman_grad",
+        description="AtMan to first order: the gradient of the target's log-probability against the "
+        "suppression bias, from one forward and one backward pass.",
+        compute=_grad,
+        cost=_grad_cost,
+        options=("factor", "conceptual_threshold", "granularity"),
+        cost_note="one forward and one backward pass",
+    )
+)
+ATMAN_RL = SALIENCY_METHODS.register(
+    SaliencyMethod(
+        name="atman_rl",
+        description="AtManRL's mask (spec §8): how far each reasoning token had to be re-enabled to "
+        "restore the answer, learned in rl_steps optimiser steps.",
+        compute=_mask,
+        cost=_mask_cost,
+        options=("rl_steps",),
+        cost_note="rl_steps forward and backward passes over the response",
+    )
+)

@@ -81,6 +81,7 @@ class SequenceState:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str = BASE_ADAPTER
+    num_top_logprobs: int = 0  # alternatives to record per token (OpenAI's top_logprobs)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -412,8 +413,8 @@ class DecodeBatch:
         logp = torch.log_softmax(logits.float(), dim=-1)
         seq.token_ids.append(token)
         seq.logprobs.append(float(logp[token]))
-        if params.top_logprobs:
-            values, indices = logp.topk(params.top_logprobs)
+        if seq.num_top_logprobs:
+            values, indices = logp.topk(seq.num_top_logprobs)
             seq.top_logprobs.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
         if seq._detok is None:
             seq._detok = Detokenizer(self.lm.tokenizer)

@@ -14,17 +14,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from faithlens.analysis import AnalysisParams, analyze
-from faithlens.atman import METHODS, SaliencyParams
-from faithlens.generation import SamplingParams, generate
+from faithlens.analysis import analyze
+from faithlens.cli_args import add_model_arguments, model_from_arguments
+from faithlens.generation import generate
 from faithlens.logs import configure_logging
 from faithlens.model import LoadedModel, ModelNotFoundError, load_model
+from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
+from faithlens.saliency import SALIENCY_METHODS
 from faithlens.schema import Analysis
 from faithlens.settings import get_settings
-
-
-def _none_or_int(value: str) -> int | None:
-    return None if value.lower() in {"none", "end"} else int(value)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -36,23 +34,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_analysis_args(parser: argparse.ArgumentParser) -> None:
-    d = AnalysisParams()
-    group = parser.add_argument_group("analysis parameters (spec defaults)")
-    group.add_argument("--W", type=int, default=d.W, help="WAAD window")
-    group.add_argument("--H-lo", type=int, default=d.H_lo, help="FAI horizon start")
-    group.add_argument("--H-hi", type=_none_or_int, default=d.H_hi, help="FAI horizon end, or 'none'")
-    group.add_argument("--q", type=float, default=d.q, help="top-q share for flags")
-    group.add_argument("--k", type=int, default=d.k, help="look-back for dominated anchors")
-    group.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], help="e.g. 10,12,15")
-    sal = parser.add_argument_group("saliency (spec §7–8)")
-    sal.add_argument("--saliency", choices=METHODS, help="compute saliency with this method")
-    sal.add_argument("--granularity", choices=["token", "word", "sentence"], default="token")
-    sal.add_argument("--target", default="answer", help="answer, response, or comma-separated positions")
-    sal.add_argument("--factor", type=float, default=0.1, help="suppression factor f (> 1 amplifies)")
-    sal.add_argument("--conceptual", type=float, help="conceptual suppression threshold κ (off by default)")
-    sal.add_argument("--postprocess", choices=["none", "absolute", "square"], default="none")
-    sal.add_argument("--normalize", action="store_true", help="min-max normalise the scores")
-    sal.add_argument("--rl-steps", type=int, default=200, help="AtManRL mask optimisation steps")
+    """The analysis and saliency flags, derived from the parameter models (their defaults and bounds)."""
+    add_model_arguments(
+        parser.add_argument_group("analysis parameters (spec §2–5)"), AnalysisParams, prefix="analysis_"
+    )
+    methods = ", ".join(SALIENCY_METHODS.names())
+    group = parser.add_argument_group(
+        "saliency (spec §7–8)", f"--saliency METHOD turns saliency on; methods: {methods}"
+    )
+    add_model_arguments(
+        group, SaliencyParams, prefix="saliency_", rename={"method": "saliency", "seed": "saliency-seed"}
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="annotate the model's answer to a GSM8K dev question")
     p_demo.add_argument("--index", type=int, default=0, help="which dev question")
     for p in (p_gen, p_demo):
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int, help="seed of this request's own RNG")
-        p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-        p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many tokens")
+        add_model_arguments(p.add_argument_group("sampling"), SamplingParams, prefix="sampling_")
     for p in (p_an, p_gen, p_demo):
         _add_model_args(p)
         _add_analysis_args(p)
@@ -79,25 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _params(args: argparse.Namespace) -> AnalysisParams:
-    return AnalysisParams(W=args.W, H_lo=args.H_lo, H_hi=args.H_hi, q=args.q, k=args.k, layers=args.layers)
+    return model_from_arguments(args, AnalysisParams, prefix="analysis_")
 
 
 def _saliency(args: argparse.Namespace) -> SaliencyParams | None:
-    if args.saliency is None:
+    if args.saliency_method is None:
         return None
-    target = (
-        args.target if args.target in {"answer", "response"} else [int(x) for x in args.target.split(",")]
-    )
-    return SaliencyParams(
-        method=args.saliency,
-        factor=args.factor,
-        conceptual_threshold=args.conceptual,
-        granularity=args.granularity,
-        postprocess=args.postprocess,
-        normalize=args.normalize,
-        target=target,
-        rl_steps=args.rl_steps,
-    )
+    return model_from_arguments(args, SaliencyParams, prefix="saliency_")
 
 
 def _flags(tok) -> str:
@@ -154,14 +129,7 @@ def _emit(analysis: Analysis, as_json: bool, extra: dict | None = None) -> None:
 
 def _generate_and_annotate(lm: LoadedModel, args, prompt: str) -> None:
     prompt_ids = lm.prompt_ids(prompt, chat=args.chat)
-    sampling = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        min_new_tokens=args.min_new_tokens,
-    )
+    sampling = model_from_arguments(args, SamplingParams, prefix="sampling_")
     gen = generate(lm, prompt_ids, sampling)
     if not gen.token_ids:
         raise SystemExit("the model generated no tokens")

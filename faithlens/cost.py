@@ -3,54 +3,45 @@
 One unit is one token through one forward pass at short context. On the embedded SmolLM2 on two CPU
 cores a unit takes about 1.7 ms, so the default limit (``FAITHLENS_MAX_ANALYSIS_COST`` = 30,000 units)
 keeps one analysis under about a minute (docs/benchmarks.md has the measurement). The estimate follows
-the work each method really does (spec §1, §7, §8):
+the work each part really does (spec §1, §7, §8):
 
 * the scoring pass: the sequence once, with attention's quadratic share (``n²/ATTENTION_TOKENS``);
-* exact AtMan: the unperturbed pass, then every suppression group from its first column to the end
-  (the prefix before it comes from the KV cache);
-* ``atman_grad``: one forward and one backward (about three forwards);
-* ``atman_rl``: ``rl_steps`` forward+backward passes over the part after the prompt;
+* the saliency method's own work: each entry of :data:`faithlens.saliency.SALIENCY_METHODS` estimates
+  it (exact AtMan: every suppression group from its first column on; ``atman_grad``: a forward and a
+  backward pass; ``atman_rl``: ``rl_steps`` forward+backward passes over the response);
 * the counterfactual check: one unperturbed pass and two suppressed ones from the response on.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from faithlens.atman import SaliencyParams, resolve_target, suppression_groups
+from faithlens.params import SaliencyParams
 
 ATTENTION_TOKENS = 8192  # at this context, attention costs as much as the rest of a forward pass
 BACKWARD_FACTOR = 3.0  # a forward and a backward pass, in forward passes
 
 
-def _pass(tokens: int, context: int) -> float:
+def forward(tokens: int, context: int) -> float:
     """Cost of ``tokens`` new positions whose keys reach back to ``context`` positions."""
     return tokens * (1 + context / ATTENTION_TOKENS)
 
 
 def scoring_cost(n: int) -> float:
-    return _pass(n, n)
+    return forward(n, n)
+
+
+def counterfactual_cost(n: int, prompt_len: int) -> float:
+    """An unperturbed pass, then top-k and random-k suppressed from the response on."""
+    return forward(n, n) + 2 * forward(n - prompt_len, n)
 
 
 def saliency_cost(texts: list[str], prompt_len: int, params: SaliencyParams) -> float:
-    """Cost of ``params.method`` on a sequence whose tokens read ``texts`` (the target is resolved as
-    the method will resolve it, so the estimate counts the same groups the method suppresses)."""
-    n = len(texts)
-    target = resolve_target(texts, prompt_len, params.target)
-    # the counterfactual check: an unperturbed pass, then top-k and random-k suppressed from the response on
-    counterfactual = _pass(n, n) + 2 * _pass(n - prompt_len, n)
-    if params.method == "atman_grad":
-        return BACKWARD_FACTOR * _pass(n, n) + counterfactual
-    if params.method == "atman_rl":
-        cot = max(n - prompt_len, 1)
-        return _pass(n, n) + (params.rl_steps + 2) * BACKWARD_FACTOR * _pass(cot, n) + counterfactual
-    tset = set(target)
-    positions = [i for i in range(max(target)) if i not in tset]
-    groups = suppression_groups(texts, positions, params.granularity)
-    last = min(target) - 1
-    starts = [min(group[0], last) if params.prefix_reuse else 0 for group in groups]
-    return _pass(n, n) + sum(_pass(n - s, n) for s in starts) + counterfactual
+    """Cost of saliency by ``params.method`` on a sequence whose tokens read ``texts``, with the
+    counterfactual check that follows it."""
+    from faithlens.saliency import method_cost
+
+    return method_cost(texts, prompt_len, params) + counterfactual_cost(len(texts), prompt_len)
 
 
 def analysis_cost(texts: list[str], prompt_len: int, saliency: SaliencyParams | None) -> float:
@@ -69,24 +60,32 @@ class Alternative:
     cost: float
 
 
+def _variants(saliency: SaliencyParams) -> list[tuple[str, SaliencyParams]]:
+    """Cheaper variants: coarser groups and fewer steps where the method reads those options, then
+    every other registered method."""
+    from faithlens.saliency import SALIENCY_METHODS
+
+    method = SALIENCY_METHODS.get(saliency.method)
+    options: list[tuple[str, SaliencyParams]] = []
+    if "granularity" in method.options:
+        for granularity in ("word", "sentence"):
+            if granularity != saliency.granularity:
+                variant = saliency.model_copy(update={"granularity": granularity})
+                options.append((f"granularity '{granularity}'", variant))
+    if "rl_steps" in method.options and saliency.rl_steps > 1:
+        variant = saliency.model_copy(update={"rl_steps": max(1, saliency.rl_steps // 4)})
+        options.append(("fewer rl_steps", variant))
+    for other in SALIENCY_METHODS:
+        if other.name != saliency.method:
+            options.append((f"method '{other.name}'", saliency.model_copy(update={"method": other.name})))
+    return options
+
+
 def alternatives(
     texts: list[str], prompt_len: int, saliency: SaliencyParams | None, limit: float
 ) -> list[Alternative]:
-    """Changes to the saliency options that would fit ``limit``, cheapest change first."""
+    """Changes to the saliency options that would fit ``limit``, cheapest first."""
     if saliency is None:
         return []
-    options: list[tuple[str, SaliencyParams]] = []
-    if saliency.method == "atman":
-        for granularity in ("word", "sentence"):
-            if granularity != saliency.granularity:
-                options.append(
-                    (f"granularity '{granularity}'", dataclasses.replace(saliency, granularity=granularity))
-                )
-    if saliency.method == "atman_rl" and saliency.rl_steps > 1:
-        options.append(
-            ("fewer rl_steps", dataclasses.replace(saliency, rl_steps=max(1, saliency.rl_steps // 4)))
-        )
-    if saliency.method != "atman_grad":
-        options.append(("method 'atman_grad'", dataclasses.replace(saliency, method="atman_grad")))
-    found = [Alternative(change, analysis_cost(texts, prompt_len, p)) for change, p in options]
-    return [a for a in found if a.cost <= limit]
+    found = [Alternative(change, analysis_cost(texts, prompt_len, p)) for change, p in _variants(saliency)]
+    return sorted((a for a in found if a.cost <= limit), key=lambda a: a.cost)

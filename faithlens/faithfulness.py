@@ -8,8 +8,10 @@ import random
 import torch
 from scipy.stats import spearmanr
 
-from faithlens.atman import Saliency, SaliencyParams, target_logprobs
+from faithlens.atman import target_logprobs
 from faithlens.model import LoadedModel
+from faithlens.params import ComputeOptions, SaliencyParams
+from faithlens.saliency import Saliency
 from faithlens.schema import Counterfactual
 
 
@@ -37,7 +39,12 @@ def spearman_fai_saliency(fai: torch.Tensor, saliency: Saliency, prompt_len: int
 
 
 def counterfactual(
-    lm: LoadedModel, input_ids: list[int], prompt_len: int, saliency: Saliency, params: SaliencyParams
+    lm: LoadedModel,
+    input_ids: list[int],
+    prompt_len: int,
+    saliency: Saliency,
+    params: SaliencyParams,
+    compute: ComputeOptions | None = None,
 ) -> Counterfactual | None:
     """Suppress the top-k salient reasoning tokens together, and k random ones (seeded), and compare."""
     candidates = reasoning_positions(saliency, prompt_len)
@@ -50,9 +57,8 @@ def counterfactual(
     rows = torch.zeros(2, len(input_ids))
     rows[0, top] = math.log(factor)
     rows[1, rand] = math.log(factor)
-    perturbed, base = target_logprobs(
-        lm, input_ids, saliency.target, rows, memory_budget_mb=params.memory_budget_mb
-    )
+    budget = (compute or ComputeOptions()).atman_memory_mb
+    perturbed, base = target_logprobs(lm, input_ids, saliency.target, rows, memory_budget_mb=budget)
     return Counterfactual(
         k=k,
         base_logprob=base,

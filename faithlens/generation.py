@@ -6,31 +6,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from faithlens.model import LoadedModel
+from faithlens.params import SamplingParams
 
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass
-class SamplingParams:
-    """What a request may set. ``temperature == 0`` means greedy."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    min_new_tokens: int = 0
-    top_logprobs: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be ≥ 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be ≥ 0 and top_p in (0, 1]")
 
 
 @dataclass
@@ -47,7 +29,11 @@ class Generation:
 
 
 def generate(
-    lm: LoadedModel, prompt_ids: list[int], params: SamplingParams | None = None, adapter: str | None = None
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    params: SamplingParams | None = None,
+    adapter: str | None = None,
+    top_logprobs: int = 0,
 ) -> Generation:
     """Generate one continuation of ``prompt_ids`` (with the attached LoRA ``adapter``, if named).
     Log-probs are the model's raw ones (before sampling transforms), as vLLM reports them.
@@ -59,7 +45,7 @@ def generate(
 
     params = params or SamplingParams()
     started = time.perf_counter()
-    seq = SequenceState(list(prompt_ids), params, adapter or BASE_ADAPTER)
+    seq = SequenceState(list(prompt_ids), params, adapter or BASE_ADAPTER, top_logprobs)
     batch = DecodeBatch(lm)
     batch.add(seq)
     while len(batch):

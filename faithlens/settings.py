@@ -88,9 +88,6 @@ class Settings(BaseSettings):
     )
     tokenizer_threads: int = Field(default=2, ge=1, description="Threads that tokenise requests.")
     max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound a request may ask for.")
-    max_rl_steps: int = Field(
-        default=500, ge=1, description="Upper bound on atman_rl mask steps per request."
-    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body size limit.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503 overloaded.")
 

@@ -16,12 +16,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from faithlens.engine import EngineConfig, LocalEngine
 from faithlens.model import LoadedModel, load_model
+from faithlens.registry import load_plugins
 from faithlens.settings import Settings, get_settings
 from service import hotload
 from service.adapters import AdapterRegistry
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
-from service.routes import admin, jobs, native, openai, ops, ui
+from service.routes import admin, capabilities, jobs, native, openai, ops, ui
 from service.state import ServerState
 from service.telemetry import Telemetry
 from training.jobs import JobStore
@@ -106,6 +107,7 @@ def engine_config(settings: Settings) -> EngineConfig:
 def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Telemetry()
+    load_plugins()  # a broken plugin fails here, at start-up, not at its first request
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -132,7 +134,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) 
     app.state.ui_dir = settings.ui_dir
     app.state.faithlens = None
     install_error_handlers(app)
-    for module in (native, openai, admin, jobs, ops, ui):
+    for module in (native, capabilities, openai, admin, jobs, ops, ui):
         app.include_router(module.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)

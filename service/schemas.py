@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from faithlens.analysis import AnalysisParams
-from faithlens.atman import SaliencyParams
+from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.schema import Analysis
 
 Metric = Literal["fai", "waad", "flags", "saliency"]
-NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class Strict(BaseModel):
@@ -34,64 +32,29 @@ class Message(BaseModel):
         return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
 
 
-class SaliencyOptions(Strict):
-    """The saliency method and its options (docs/annotations.md, spec §7–8)."""
+class AnalysisOptions(AnalysisParams):
+    """What to annotate: the spec's parameters (:class:`faithlens.params.AnalysisParams`, §2–5), which
+    signals to return, and saliency (:class:`faithlens.params.SaliencyParams`, §7–8)."""
 
-    method: Literal["atman", "atman_grad", "atman_rl"] = "atman"
-    factor: float = Field(default=0.1, gt=0)
-    conceptual_threshold: float | None = Field(default=None, ge=-1, le=1)
-    granularity: Literal["token", "word", "sentence"] = "token"
-    postprocess: Literal["none", "absolute", "square"] = "none"
-    normalize: bool = False
-    target: Literal["answer", "response"] | list[Annotated[int, Field(ge=0)]] = "answer"
-    rl_steps: int = Field(default=200, ge=1, le=2000)
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    counterfactual_k: int = Field(default=5, ge=1, le=256)
-
-    @field_validator("factor")
-    @classmethod
-    def _not_one(cls, value: float) -> float:
-        if value == 1:
-            raise ValueError("factor must be ≠ 1 (< 1 suppresses, > 1 amplifies)")
-        return value
-
-    def to_params(self) -> SaliencyParams:
-        return SaliencyParams(**self.model_dump())
-
-
-class AnalysisOptions(Strict):
-    """What to annotate. Parameter names are the spec's (§2–5); unset means the spec's default."""
-
-    metrics: list[Metric] = Field(default_factory=lambda: ["fai", "waad", "flags"], min_length=1)
-    saliency: SaliencyOptions | None = Field(
+    metrics: list[Metric] = Field(default=["fai", "waad", "flags"], min_length=1)
+    saliency: SaliencyParams | None = Field(
         default=None, description="Saliency options; given alone, it also turns the `saliency` metric on."
     )
-    layers: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
-    W: int = Field(default=10, ge=1, le=4096)
-    H_lo: int = Field(default=10, ge=0)
-    H_hi: int | None = Field(default=100, ge=0)
-    q: float = Field(default=0.4, gt=0, le=1)
-    k: int = Field(default=3, ge=1, le=4096)
-    tau_waad: float | None = None
-    tau_delta: float | None = None
-    head_fraction: float = Field(default=0.3, gt=0, le=0.5)
 
     @model_validator(mode="after")
-    def _check(self) -> AnalysisOptions:
-        if self.H_hi is not None and self.H_hi < self.H_lo:
-            raise ValueError("H_hi must be ≥ H_lo (or null for 'to the end')")
+    def _saliency_metric(self) -> AnalysisOptions:
         if self.saliency is not None and "saliency" not in self.metrics:
             self.metrics = [*self.metrics, "saliency"]
         return self
 
     def to_params(self) -> AnalysisParams:
-        """The spec parameters are every field except what to return and how to score saliency."""
-        return AnalysisParams(**self.model_dump(exclude={"metrics", "saliency"}))
+        """The spec parameters: every field except what to return and how to score saliency."""
+        return AnalysisParams.model_validate(self.model_dump(include=set(AnalysisParams.model_fields)))
 
     def saliency_params(self) -> SaliencyParams | None:
         if "saliency" not in self.metrics:
             return None
-        return (self.saliency or SaliencyOptions()).to_params()
+        return self.saliency or SaliencyParams()
 
 
 class PromptInput(Strict):
@@ -113,17 +76,14 @@ class PromptInput(Strict):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-class GenerateRequest(PromptInput):
-    max_new_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: list[NonEmpty] | NonEmpty | None = None
+class GenerateRequest(PromptInput, SamplingParams):
+    """A prompt, how to decode it (:class:`faithlens.params.SamplingParams`) and what to annotate."""
+
     adapter: str | None = Field(default=None, description="A loaded adapter's name; null: the base model.")
     analysis: AnalysisOptions | None = Field(default=None, description="Null: no annotations.")
 
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def sampling(self) -> SamplingParams:
+        return SamplingParams.model_validate(self.model_dump(include=set(SamplingParams.model_fields)))
 
 
 class AnalyzeRequest(PromptInput):
@@ -192,3 +152,26 @@ class AdapterInfo(BaseModel):
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+
+
+# -- capabilities ------------------------------------------------------------------------------------------
+class SaliencyMethodInfo(BaseModel):
+    name: str
+    description: str
+    options: list[str] = Field(description="The saliency options this method reads, beyond the shared ones.")
+    cost: str = Field(description="What the method's work is, as its cost estimate counts it.")
+
+
+class CreditStrategyInfo(BaseModel):
+    name: str
+    description: str
+
+
+class Capabilities(BaseModel):
+    """What this server can compute: read from the registries, so plugins appear here too."""
+
+    object: Literal["capabilities"] = "capabilities"
+    saliency_methods: list[SaliencyMethodInfo]
+    credit_strategies: list[CreditStrategyInfo]
+    granularities: list[str]
+    metrics: list[str]

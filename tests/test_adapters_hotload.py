@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from faithlens import lora
-from faithlens.generation import SamplingParams, generate
+from faithlens.generation import generate
 from faithlens.model import load_model
+from faithlens.params import SamplingParams
 from faithlens.tiny import save_tiny
 from tests.servers import REDIS_URL, make_adapter, start_server
 

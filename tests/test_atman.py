@@ -8,17 +8,10 @@ import pytest
 import torch
 
 from faithlens.answer import CharSpan, char_span_to_tokens
-from faithlens.atman import (
-    SaliencyParams,
-    _gradient,
-    _plan_batches,
-    atman_rl_saliency,
-    bias_rows,
-    compute_saliency,
-    resolve_target,
-    suppression_groups,
-)
+from faithlens.atman import _gradient, _plan_batches, atman_rl_saliency, bias_rows, suppression_groups
 from faithlens.model import unwrap
+from faithlens.params import ComputeOptions, SaliencyParams
+from faithlens.saliency import compute_saliency, resolve_target
 
 
 def naive_target_logprob(lm, input_ids, target, column_bias: torch.Tensor | None) -> float:
@@ -51,20 +44,20 @@ def _ids(n, seed=0):
 
 
 @pytest.mark.parametrize(
-    "params",
+    ("params", "compute"),
     [
-        SaliencyParams(target=[44, 45, 46]),  # the device's own batch plan
-        SaliencyParams(target=[44, 45, 46], recompute_slack=math.inf),  # batches as wide as memory allows
-        SaliencyParams(target=[44, 45, 46], prefix_reuse=False),
-        SaliencyParams(target=[44, 45, 46], memory_budget_mb=0),  # batches of one
-        SaliencyParams(target=[30, 46], factor=3.0),  # amplification, scattered targets
-        SaliencyParams(target=[44, 45, 46], conceptual_threshold=0.1),
+        (SaliencyParams(target=[44, 45, 46]), ComputeOptions()),  # the device's own batch plan
+        (SaliencyParams(target=[44, 45, 46]), ComputeOptions(recompute_slack=math.inf)),  # widest batches
+        (SaliencyParams(target=[44, 45, 46]), ComputeOptions(prefix_reuse=False)),
+        (SaliencyParams(target=[44, 45, 46]), ComputeOptions(atman_memory_mb=0)),  # batches of one
+        (SaliencyParams(target=[30, 46], factor=3.0), ComputeOptions()),  # amplification, scattered targets
+        (SaliencyParams(target=[44, 45, 46], conceptual_threshold=0.1), ComputeOptions()),
     ],
     ids=["default_plan", "batched", "no_prefix_reuse", "batch_of_one", "amplify", "conceptual"],
 )
-def test_exact_batched_equals_naive_loop(tiny_lm, params):
+def test_exact_batched_equals_naive_loop(tiny_lm, params, compute):
     ids = _ids(47)
-    got = compute_saliency(tiny_lm, ids, 20, params)
+    got = compute_saliency(tiny_lm, ids, 20, params, compute)
     rows = bias_rows(tiny_lm, ids, got.groups, params.factor, params.conceptual_threshold)
     expected = naive_saliency(tiny_lm, ids, got.target, rows)
     flat = torch.tensor([float(got.scores[g[0]]) for g in got.groups])

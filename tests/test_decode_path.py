@@ -23,8 +23,9 @@ from faithlens.batching import (
     visible_text,
 )
 from faithlens.data import Problem
-from faithlens.generation import SamplingParams, generate
+from faithlens.generation import generate
 from faithlens.model import load_model
+from faithlens.params import SamplingParams
 from faithlens.tiny import save_tiny, tiny_loaded_model
 from training.eval import answers
 
@@ -218,8 +219,8 @@ def test_min_new_tokens_masks_eos_but_logprobs_stay_raw(eos_loving_llama, case):
     prompt = lm.prompt_ids("min tokens", chat=True)
     eos = sorted(lm.eos_token_ids)
     assert generate(lm, prompt, SamplingParams(**CASES[case])).token_ids == []
-    params = SamplingParams(**CASES[case], min_new_tokens=5, top_logprobs=2)
-    gen = generate(lm, prompt, params)
+    params = SamplingParams(**CASES[case], min_new_tokens=5)
+    gen = generate(lm, prompt, params, top_logprobs=2)
     assert len(gen.token_ids) == 5 and gen.finish_reason == "stop"
     # The raw distribution still prefers EOS: reported log-probs are the model's, before the mask.
     assert all(top[0][0] in eos for top in gen.top_logprobs)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from faithlens import cost
-from faithlens.analysis import AnalysisParams, analyze
-from faithlens.atman import SaliencyParams
+from faithlens.analysis import analyze
 from faithlens.engine import (
     AnalysisRequest,
     AnalysisSpec,
@@ -23,8 +22,8 @@ from faithlens.engine import (
     LocalEngine,
     Prompt,
 )
-from faithlens.generation import SamplingParams
 from faithlens.model import unwrap
+from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.slicing import SlicedRun, checkpoint, install_checkpoints
 
 PROMPT = "Question: Tom has 3 apples and buys 4 more. How many?\n"

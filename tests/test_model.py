@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from faithlens.analysis import compute_metrics
-from faithlens.generation import SamplingParams, generate
+from faithlens.generation import generate
 from faithlens.model import EMBEDDED_FILE, ModelNotFoundError, embedded_source, load_model, resolve_source
+from faithlens.params import SamplingParams
 from faithlens.tiny import save_tiny
 
 
@@ -55,7 +56,7 @@ def test_chat_template_and_prompt_forms(smollm):
 @pytest.mark.smollm
 def test_greedy_is_deterministic_and_logprobs_match_scoring(smollm):
     prompt = smollm.prompt_ids("What is 12 times 3?", chat=True)
-    a = generate(smollm, prompt, SamplingParams(max_new_tokens=24, top_logprobs=3))
+    a = generate(smollm, prompt, SamplingParams(max_new_tokens=24), top_logprobs=3)
     b = generate(smollm, prompt, SamplingParams(max_new_tokens=24))
     assert a.token_ids == b.token_ids and a.token_ids
     # Greedy: the chosen token is the top-1 of the raw distribution.

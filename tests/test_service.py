@@ -12,9 +12,10 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from faithlens.analysis import AnalysisParams, analyze
-from faithlens.generation import SamplingParams, generate
+from faithlens.analysis import analyze
+from faithlens.generation import generate
 from faithlens.model import load_model
+from faithlens.params import AnalysisParams, SamplingParams
 from faithlens.tiny import save_tiny
 from tests.servers import start_server
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from faithlens.analysis import AnalysisParams, compute_metrics
+from faithlens.analysis import compute_metrics
 from faithlens.data import Problem
 from faithlens.metrics import Flags
+from faithlens.params import AnalysisParams
 from faithlens.tiny import tiny_loaded_model
 from training.config import TrainConfig
 from training.credit import gamma, shape_advantages

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from faithlens import lora
-from faithlens.analysis import AnalysisParams, analyze
+from faithlens.analysis import analyze
 from faithlens.answer import gsm8k_correct
-from faithlens.atman import SaliencyParams
 from faithlens.batching import BASE_ADAPTER, DecodeBatch, SequenceState
 from faithlens.data import Problem, load_gsm8k
-from faithlens.generation import SamplingParams
 from faithlens.model import LoadedModel, load_model
+from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
+from faithlens.saliency import SALIENCY_METHODS
 from faithlens.settings import get_settings
 
 
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["dev", "train"], default="dev")
     parser.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument(
-        "--saliency", choices=["atman", "atman_grad", "atman_rl", "none"], default="atman_grad"
-    )
+    parser.add_argument("--saliency", choices=[*SALIENCY_METHODS.names(), "none"], default="atman_grad")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     problems = load_gsm8k(args.split, limit=args.limit, data_dir=settings.data_dir)

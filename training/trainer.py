@@ -21,17 +21,17 @@ from pathlib import Path
 
 import torch
 
-from faithlens.analysis import AnalysisParams, metrics_from_probe, new_probe
+from faithlens.analysis import metrics_from_probe, new_probe
 from faithlens.answer import char_span_to_tokens, find_answer_span
 from faithlens.atman import atman_rl_saliency
 from faithlens.attention import BatchProbe
 from faithlens.batching import DecodeBatch, SequenceState
 from faithlens.data import Problem
-from faithlens.generation import SamplingParams
 from faithlens.model import LoadedModel, unwrap
+from faithlens.params import AnalysisParams, SamplingParams
 from training import rewards as reward_lib
 from training.config import TrainConfig
-from training.credit import gamma, shape_advantages
+from training.credit import CREDIT_STRATEGIES, gamma, shape_advantages
 from training.loss import Normaliser, clipped_surrogate
 
 log = logging.getLogger("faithlens.training")
@@ -220,7 +220,7 @@ class Trainer:
             for r, a in zip(group, centred.tolist(), strict=True):
                 r.advantage = a
         for r in rollouts:
-            if config.credit == "none" or not r.completion_ids:
+            if not CREDIT_STRATEGIES.get(config.credit).needs_flags or not r.completion_ids:
                 r.gammas = torch.ones(len(r.completion_ids))
         return rollouts
 

@@ -57,8 +57,8 @@ from faithlens.engine.protocol import (
     TokenOutput,
 )
 from faithlens.engine.tokenization import TokenizerPool
-from faithlens.generation import SamplingParams
 from faithlens.model import LoadedModel, encode_completion, encode_prompt, unwrap
+from faithlens.params import SamplingParams
 from faithlens.slicing import SlicedRun, install_checkpoints
 
 log = logging.getLogger("faithlens.engine")
@@ -73,7 +73,6 @@ class EngineConfig:
     max_prompt_tokens: int = 4096
     max_prompt_chars: int = 65536
     max_new_tokens: int = 1024
-    max_rl_steps: int = 500
     max_analysis_cost: float = 30000.0
     analysis_timeout_s: float = 120.0
     analysis_share: float = 2.0
@@ -110,6 +109,7 @@ class _Request:
     prompt_ids: list[int] = field(default_factory=list)
     completion_ids: list[int] = field(default_factory=list)
     sampling: SamplingParams | None = None
+    top_logprobs: int = 0
     adapter: str | None = None
     analysis: AnalysisSpec | None = None
     seq: SequenceState | None = None
@@ -199,6 +199,7 @@ class LocalEngine:
         try:
             req.prompt_ids = await self._prompt_ids(request.prompt, names.get("prompt", "prompt"))
             req.sampling = self._sampling(request, len(req.prompt_ids))
+            req.top_logprobs = request.top_logprobs
             req.adapter = self._adapter(request.adapter, names.get("adapter", "adapter"))
             if request.analysis is not None:
                 n = len(req.prompt_ids) + req.sampling.max_new_tokens
@@ -318,7 +319,7 @@ class LocalEngine:
                 raise ContextLengthExceeded(
                     f"the prompt fills the model's context of {self.max_model_len}", param
                 )
-            sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, left))
+            sampling = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens, left)})
         if sampling.max_new_tokens > limit:
             raise ContextLengthExceeded(f"{param} is {sampling.max_new_tokens}; the limit is {limit}", param)
         if prompt_len + sampling.max_new_tokens > self.max_model_len:
@@ -341,16 +342,8 @@ class LocalEngine:
             spec.params.resolved_layers(unwrap(self.lm.model).config.num_hidden_layers)
         except ValueError as exc:
             raise InvalidRequest(str(exc), "analysis.layers") from exc
-        if (
-            saliency is not None
-            and saliency.method == "atman_rl"
-            and saliency.rl_steps > self.config.max_rl_steps
-        ):
-            raise InvalidRequest(
-                f"rl_steps is limited to {self.config.max_rl_steps}", "analysis.saliency.rl_steps"
-            )
         if bound and saliency is not None:  # the response is not known yet: its longest, most costly form
-            saliency = dataclasses.replace(saliency, target=[len(texts) - 1], granularity="token")
+            saliency = saliency.model_copy(update={"target": [len(texts) - 1], "granularity": "token"})
         try:
             estimate = cost.analysis_cost(texts, prompt_len, saliency)
         except ValueError as exc:
@@ -448,7 +441,9 @@ class LocalEngine:
                 req = self._waiting.popleft()
             assert req.sampling is not None
             req.admitted_at = time.perf_counter()
-            req.seq = SequenceState(req.prompt_ids, req.sampling, req.adapter or BASE_ADAPTER)
+            req.seq = SequenceState(
+                req.prompt_ids, req.sampling, req.adapter or BASE_ADAPTER, req.top_logprobs
+            )
             try:
                 self._batch.add(req.seq)
             except Exception:

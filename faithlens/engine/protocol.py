@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from faithlens.analysis import AnalysisParams
-from faithlens.atman import SaliencyParams
-from faithlens.generation import FinishReason, SamplingParams
+from faithlens.generation import FinishReason
+from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.schema import Analysis
 
 Messages = list[dict[str, str]]
@@ -63,6 +62,7 @@ class GenerationRequest:
     adapter: str | None = None
     analysis: AnalysisSpec | None = None
     fit_context: bool = False
+    top_logprobs: int = 0  # alternatives reported per token (OpenAI's logprobs.top_logprobs)
     request_id: str = field(default_factory=new_request_id)
     field_names: dict[str, str] = field(default_factory=dict)
 

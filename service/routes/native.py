@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Awaitable
 from fastapi import APIRouter, Depends, Request
 
 from faithlens.engine import AnalysisRequest, GenerationRequest, Prompt, RequestOutput, new_request_id
-from faithlens.generation import SamplingParams
 from service.auth import require
 from service.schemas import (
     AnalysisOptions,
@@ -21,7 +20,12 @@ from service.schemas import (
 )
 from service.state import ServerState, analysis_spec, get_state, leased_adapter, present, until_disconnected
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)}
+# Every other error has the same body (500 internal_error, 405, ...); "default" also keeps FastAPI from
+# documenting a 422, which this server never sends (an invalid body is a 400).
+ERRORS: dict[int | str, dict] = {
+    **{status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)},
+    "default": {"model": ErrorResponse, "description": "Any other error (docs/api.md lists the codes)."},
+}
 router = APIRouter(
     prefix="/v1", tags=["faithlens"], responses=ERRORS, dependencies=[Depends(require("infer"))]
 )
@@ -59,13 +63,7 @@ def _response(
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     """Generate a continuation, annotated per token when ``analysis`` is given."""
     state = get_state(request)
-    sampling = SamplingParams(
-        max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop_list(),
-    )
+    sampling = body.sampling()
     async with leased_adapter(state, body.adapter, "adapter") as adapter:
         engine_request = GenerationRequest(
             _prompt(body), sampling, adapter, analysis_spec(body.analysis), request_id=new_request_id("gen")
