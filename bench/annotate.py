@@ -54,10 +54,10 @@ def worker(variant: str, length: int, model: str | None) -> dict:
     from faithlens.metrics import default_layers
     from faithlens.model import load_model
     from faithlens.params import SamplingParams
-    from faithlens.settings import get_settings
+    from faithlens.settings import get_core_settings
     from faithlens.tiny import tiny_loaded_model
 
-    settings = get_settings()
+    settings = get_core_settings()
     lm = tiny_loaded_model("llama") if model == "tiny" else load_model(model, cache_dir=settings.cache_dir)
     prompt = lm.prompt_ids(load_gsm8k("dev", limit=1)[0].question, chat=True)
     sampling = SamplingParams(max_new_tokens=length, min_new_tokens=length)

@@ -192,11 +192,11 @@ def main() -> None:
     parser.add_argument("--part", choices=["1", "2", "all"], default="all")
     args = parser.parse_args()
     from faithlens.model import load_model
-    from faithlens.settings import get_settings
+    from faithlens.settings import get_core_settings
     from faithlens.tiny import tiny_loaded_model
 
     torch.manual_seed(0)
-    lm = tiny_loaded_model("llama") if args.smoke else load_model(None, cache_dir=get_settings().cache_dir)
+    lm = tiny_loaded_model("llama") if args.smoke else load_model(None, cache_dir=get_core_settings().cache_dir)
     print("machine:", json.dumps(machine()))
     if args.part in {"1", "all"}:
         part1(lm, [24] if args.smoke else args.sizes)

@@ -36,7 +36,7 @@ from bench.common import machine, print_table
 from faithlens.batching import DecodeBatch, SequenceState
 from faithlens.model import LoadedModel, load_model
 from faithlens.params import SamplingParams
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
 from faithlens.tiny import tiny_loaded_model
 
 
@@ -123,7 +123,7 @@ def main() -> None:
         args.lengths, args.steps, args.repeats = [32, 64, 128], 8, 1
         lm = tiny_loaded_model("llama")
     else:
-        lm = load_model(None, cache_dir=get_settings().cache_dir)
+        lm = load_model(None, cache_dir=get_core_settings().cache_dir)
     print("machine:", machine())
     print(f"model: {lm.name} ({lm.dtype}, {lm.device}), {args.steps} decode steps, {args.repeats} repeats")
 

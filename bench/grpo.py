@@ -110,12 +110,12 @@ class NoStopAtEos(LoadedModel):
 def load_lm(setup: Setup) -> LoadedModel:
     """A fresh model (the trainers wrap it with LoRA in place)."""
     from faithlens.model import load_model
-    from faithlens.settings import get_settings
+    from faithlens.settings import get_core_settings
     from faithlens.tiny import tiny_loaded_model
 
     if setup.smoke:
         return tiny_loaded_model("llama")
-    return load_model(None, device="cpu", dtype="float32", cache_dir=get_settings().cache_dir)
+    return load_model(None, device="cpu", dtype="float32", cache_dir=get_core_settings().cache_dir)
 
 
 def without_eos_stop(lm: LoadedModel) -> LoadedModel:

@@ -37,14 +37,14 @@ def _long_ids(lm, n: int) -> list[int]:
 def worker(variant: str, n: int, model: str | None) -> dict:
     from faithlens.analysis import compute_metrics
     from faithlens.model import load_model, unwrap
-    from faithlens.settings import get_settings
+    from faithlens.settings import get_core_settings
     from faithlens.tiny import tiny_loaded_model
 
     torch.set_grad_enabled(False)
     lm = (
         tiny_loaded_model("llama")
         if model == "tiny"
-        else load_model(model, cache_dir=get_settings().cache_dir)
+        else load_model(model, cache_dir=get_core_settings().cache_dir)
     )
     ids = _long_ids(lm, n)
     prompt_len = min(256, n // 4)

@@ -22,7 +22,7 @@ from faithlens.model import LoadedModel, ModelNotFoundError, load_model
 from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.saliency import SALIENCY_METHODS
 from faithlens.schema import Analysis
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +139,7 @@ def _generate_and_annotate(lm: LoadedModel, args, prompt: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = get_settings()
+    settings = get_core_settings()
     configure_logging(settings.log_level, settings.log_json)
     try:
         lm = load_model(args.model or settings.model, settings.device, settings.dtype, settings.cache_dir)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
 
 SPLITS = ("train", "dev")
 
@@ -20,7 +20,7 @@ class Problem:
 def gsm8k_path(split: str, data_dir: Path | None = None) -> Path:
     if split not in SPLITS:
         raise ValueError(f"unknown GSM8K split {split!r}; expected one of {SPLITS}")
-    root = data_dir or get_settings().data_dir
+    root = data_dir or get_core_settings().data_dir
     path = Path(root) / "gsm8k" / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K {split} not found at {path}; set FAITHLENS_DATA_DIR")

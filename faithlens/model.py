@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from faithlens import attention
 
@@ -228,10 +228,3 @@ def load_model(
         },
     )
     return LoadedModel(net, tokenizer, source.name, source, dev, dt)
-
-
-def load_config(model: str | Path | None = None) -> Any:
-    """The model's config only (cheap): layer and head counts for planning."""
-    source = resolve_source(model)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoConfig.from_pretrained(source.directory, **kwargs)

@@ -11,13 +11,11 @@ for a different entry under a taken name.
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Generic, Protocol, TypeVar
 
-PLUGINS_ENV = "FAITHLENS_PLUGINS"
 ENTRY_POINT_GROUP = "faithlens.plugins"
 
 
@@ -30,8 +28,10 @@ E = TypeVar("E", bound=Named)
 
 
 def plugin_modules() -> list[str]:
-    """The plugin modules named in the environment, in order."""
-    return [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    """The plugin modules named in ``FAITHLENS_PLUGINS``, in order."""
+    from faithlens.settings import get_core_settings
+
+    return [m.strip() for m in get_core_settings().plugins.split(",") if m.strip()]
 
 
 class Registry(Generic[E]):

@@ -1,19 +1,30 @@
-"""The one settings object: every knob comes from an environment variable (prefix ``FAITHLENS_``)."""
+"""The core's settings: which model, on which device, where the cache and the data live, logging and
+threads. Every knob comes from an environment variable (prefix ``FAITHLENS_``).
+
+Each layer has its own settings object: this one (``faithlens``), :mod:`service.settings` (bind, keys,
+limits) and :mod:`jobs.settings` (Redis, queues, worker). Paths default under the user's data and cache
+directories (``$XDG_DATA_HOME/faithlens``, ``$XDG_CACHE_HOME/faithlens``), never relative to the source
+tree, so that an installed package works; a checkout's Makefile points ``FAITHLENS_DATA_DIR`` at
+``../shared/data``.
+"""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _xdg(variable: str, fallback: str) -> Path:
+    return Path(os.environ.get(variable) or Path.home() / fallback) / "faithlens"
 
 
-class Settings(BaseSettings):
-    """Process-wide configuration, read once from the environment."""
+class CoreSettings(BaseSettings):
+    """The model and the machine, read once from the environment."""
 
     model_config = SettingsConfigDict(env_prefix="FAITHLENS_", extra="ignore")
 
@@ -24,12 +35,16 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path = Field(
-        default=Path.home() / ".cache" / "faithlens",
-        description="Where converted GGUF checkpoints are cached as safetensors for fast reloads.",
+        default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache"),
+        description="Converted GGUF checkpoints (safetensors, for fast reloads); adapters default under it.",
     )
     data_dir: Path = Field(
-        default=REPO_ROOT.parent / "shared" / "data",
-        description="Holds gsm8k/train.jsonl and gsm8k/dev.jsonl.",
+        default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share"),
+        description="Holds gsm8k/train.jsonl and gsm8k/dev.jsonl (`make` sets it to ../shared/data).",
+    )
+    adapter_store: Path | None = Field(
+        default=None,
+        description="The only directory adapters load from and jobs write to; unset: <cache_dir>/adapters.",
     )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Emit one JSON object per log line.")
@@ -39,90 +54,24 @@ class Settings(BaseSettings):
         description="Intra-op threads for torch; unset: torch's default (one per core). On a machine whose "
         "cores other work shares, fewer threads than cores avoid stalls at the thread team's barriers.",
     )
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "FAITHLENS_REDIS_URL")
-    )
-
-    # -- serving (service/) ---------------------------------------------------------------------------
-    host: str = Field(default="127.0.0.1", description="Bind address of `python -m service`.")
-    port: int = Field(default=8000, ge=0, le=65535)
-    served_model_name: str | None = Field(
-        default=None, description="The base model's name in the API; unset means the model's own name."
-    )
-    api_keys: str = Field(
+    plugins: str = Field(
         default="",
-        description="Comma-separated `key:scope` pairs, scope `infer` or `admin` (admin implies infer). "
-        "Empty: no auth, and the server binds to loopback only.",
-    )
-    adapter_store: Path = Field(
-        default=Path.home() / ".cache" / "faithlens" / "adapters",
-        description="The only directory adapters load from (and jobs write to).",
-    )
-    adapter_channel: str = Field(default="faithlens:adapters", description="Redis channel for hot-load.")
-    max_batch_size: int = Field(default=8, ge=1, description="Sequences decoded together in one pass.")
-    max_queue: int = Field(default=64, ge=0, description="Requests waiting beyond the batch; then 503.")
-    max_prompt_tokens: int = Field(default=4096, ge=1)
-    max_prompt_chars: int = Field(
-        default=65536,
-        ge=1,
-        description="Characters a prompt or completion may have; checked before tokenisation.",
-    )
-    max_analysis_cost: float = Field(
-        default=30000,
-        gt=0,
-        description="Largest analysis cost estimate, in forward-token units (faithlens/cost.py); "
-        "the default keeps one analysis under about a minute on SmolLM2 on two CPU cores.",
-    )
-    analysis_timeout_s: float = Field(
-        default=120, gt=0, description="An analysis not done this long after it was queued fails (504)."
-    )
-    analysis_share: float = Field(
-        default=2.0,
-        gt=0,
-        description="While requests decode, an analysis slice lasts this many times the decode step.",
-    )
-    analysis_idle_slice_s: float = Field(
-        default=0.1,
-        gt=0,
-        description="With nothing to decode, an analysis slice lasts this long (new requests wait at most that).",
-    )
-    tokenizer_threads: int = Field(default=2, ge=1, description="Threads that tokenise requests.")
-    max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound a request may ask for.")
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body size limit.")
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503 overloaded.")
-
-    ui_dir: Path = Field(
-        default=REPO_ROOT / "clients" / "python" / "faithlens_client" / "static",
-        description="The audit view's files (the client package's renderer), served at /ui.",
+        description="Comma-separated modules to import at start-up; they may register saliency methods "
+        "and credit strategies (faithlens.registry).",
     )
 
-    # -- jobs (training/, workers/) ---------------------------------------------------------------------------
-    job_visibility_timeout_s: int = Field(
-        default=6 * 3600,
-        ge=1,
-        description="Seconds before an unacknowledged job is redelivered; must exceed the longest job.",
-    )
-    job_lease_ttl_s: int = Field(
-        default=60,
-        ge=2,
-        description="A running job's heartbeat lease; a dead worker's lease expires after it.",
-    )
-    job_queue: str = Field(default="faithlens-jobs", description="The Celery queue jobs are sent to.")
-    worker_concurrency: int = Field(default=1, ge=1, description="Jobs one worker runs at once.")
-    max_upload_rows: int = Field(default=20000, ge=1, description="Rows an uploaded training set may hold.")
+    @model_validator(mode="after")
+    def _adapters_under_cache(self) -> CoreSettings:
+        if self.adapter_store is None:
+            self.adapter_store = self.cache_dir / "adapters"
+        return self
 
-    def parsed_api_keys(self) -> dict[str, str]:
-        """``{key: scope}``; raises ValueError on a malformed entry so a typo fails at start-up."""
-        keys: dict[str, str] = {}
-        for item in filter(None, (part.strip() for part in self.api_keys.split(","))):
-            key, _, scope = item.partition(":")
-            scope = scope or "infer"
-            if not key or scope not in {"infer", "admin"}:
-                raise ValueError(f"FAITHLENS_API_KEYS entry {item!r}: expected key:infer or key:admin")
-            keys[key] = scope
-        return keys
+    @property
+    def adapters(self) -> Path:
+        assert self.adapter_store is not None
+        return self.adapter_store
 
 
 @lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()
+def get_core_settings() -> CoreSettings:
+    return CoreSettings()

@@ -9,8 +9,9 @@ import logging
 import uvicorn
 
 from faithlens.logs import configure_logging
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
 from service.app import create_app
+from service.settings import get_service_settings
 
 log = logging.getLogger("faithlens.service")
 
@@ -25,12 +26,12 @@ def is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = get_settings()
+    settings, core = get_service_settings(), get_core_settings()
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(core.log_level, core.log_json)
     host = args.host
     if not settings.parsed_api_keys() and not is_loopback(host):
         log.warning(

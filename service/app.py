@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
@@ -17,12 +18,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from faithlens.engine import EngineConfig, LocalEngine
 from faithlens.model import LoadedModel, load_model
 from faithlens.registry import load_plugins
-from faithlens.settings import Settings, get_settings
+from faithlens.settings import CoreSettings, get_core_settings
+from jobs.settings import QueueSettings, get_queue_settings
 from service import hotload
 from service.adapters import AdapterRegistry
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit
 from service.routes import admin, capabilities, jobs, native, openai, ops, ui
+from service.settings import ServiceSettings, get_service_settings
 from service.state import ServerState
 from service.telemetry import Telemetry
 from training.jobs import JobStore
@@ -56,28 +59,37 @@ class RequestMetrics:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-async def _start(app: FastAPI, settings: Settings, metrics: Telemetry, lm: LoadedModel | None) -> None:
+@dataclass(frozen=True)
+class Layers:
+    """The three layers' settings the server reads: the core's, its own and the queue's."""
+
+    core: CoreSettings
+    service: ServiceSettings
+    queue: QueueSettings
+
+
+async def _start(app: FastAPI, layers: Layers, metrics: Telemetry, lm: LoadedModel | None) -> None:
     """Load the model off the event loop, start the engine, then follow the adapter channel."""
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
+    core, settings, queue = layers.core, layers.service, layers.queue
+    if core.torch_threads is not None:
+        torch.set_num_threads(core.torch_threads)
     if lm is None:
-        lm = await asyncio.to_thread(
-            load_model, settings.model, settings.device, settings.dtype, settings.cache_dir
-        )
+        lm = await asyncio.to_thread(load_model, core.model, core.device, core.dtype, core.cache_dir)
     engine = LocalEngine(lm, engine_config(settings), metrics)
-    settings.adapter_store.mkdir(parents=True, exist_ok=True)
-    registry = AdapterRegistry(engine, settings.adapter_store, metrics)
+    core.adapters.mkdir(parents=True, exist_ok=True)
+    registry = AdapterRegistry(engine, core.adapters, metrics)
     await engine.start()
     redis, job_store, celery = None, None, None
-    if settings.redis_url:
+    if queue.redis_url:
         import redis.asyncio as aioredis
         from celery import Celery
 
-        redis = aioredis.from_url(settings.redis_url)
-        job_store = JobStore(settings.redis_url)
-        celery = Celery("faithlens-api", broker=settings.redis_url)
+        redis = aioredis.from_url(queue.redis_url)
+        job_store = JobStore(queue.redis_url)
+        celery = Celery("faithlens-api", broker=queue.redis_url)
     state = ServerState(
         settings=settings,
+        queue=queue,
         engine=engine,
         adapters=registry,
         telemetry=metrics,
@@ -94,25 +106,31 @@ async def _start(app: FastAPI, settings: Settings, metrics: Telemetry, lm: Loade
     if redis is not None:
         subscribed = asyncio.Event()
         app.state.tasks.append(
-            asyncio.create_task(hotload.follow(redis, settings.adapter_channel, registry, subscribed))
+            asyncio.create_task(hotload.follow(redis, queue.adapter_channel, registry, subscribed))
         )
         await subscribed.wait()
 
 
-def engine_config(settings: Settings) -> EngineConfig:
+def engine_config(settings: ServiceSettings) -> EngineConfig:
     """The engine's part of the service settings: every EngineConfig field is a setting of the same name."""
     return EngineConfig(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
-def create_app(settings: Settings | None = None, lm: LoadedModel | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def create_app(
+    settings: ServiceSettings | None = None,
+    lm: LoadedModel | None = None,
+    core: CoreSettings | None = None,
+    queue: QueueSettings | None = None,
+) -> FastAPI:
+    settings = settings or get_service_settings()
+    layers = Layers(core or get_core_settings(), settings, queue or get_queue_settings())
     metrics = Telemetry()
     load_plugins()  # a broken plugin fails here, at start-up, not at its first request
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.tasks = []
-        starting = asyncio.create_task(_start(app, settings, metrics, lm))
+        starting = asyncio.create_task(_start(app, layers, metrics, lm))
         starting.add_done_callback(_log_start_failure)
         app.state.tasks.append(starting)
         yield

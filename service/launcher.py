@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from faithlens.logs import configure_logging
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
+from jobs.settings import get_queue_settings
+from service.settings import get_service_settings
 
 log = logging.getLogger("faithlens.launcher")
 
@@ -76,16 +78,16 @@ def start_private_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = get_settings()
+    settings, core, queue = get_service_settings(), get_core_settings(), get_queue_settings()
     parser = argparse.ArgumentParser(prog="python -m service.launcher", description=__doc__)
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     parser.add_argument("--no-worker", action="store_true", help="start only the API server")
     args = parser.parse_args(argv)
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(core.log_level, core.log_json)
     env = dict(os.environ)
     children: list[subprocess.Popen] = []
-    if not settings.redis_url:
+    if not queue.redis_url:
         redis_proc, url = start_private_redis(Path(tempfile.mkdtemp(prefix="faithlens-redis-")))
         children.append(redis_proc)
         env["REDIS_URL"] = url

@@ -15,17 +15,19 @@ from fastapi import Request
 
 from faithlens.engine import AnalysisSpec, EngineClient, EngineError, RequestOutput
 from faithlens.schema import Analysis
-from faithlens.settings import Settings
+from jobs.settings import QueueSettings
 from service.adapters import AdapterRegistry
 from service.errors import APIError, from_engine
 from service.schemas import AnalysisOptions
+from service.settings import ServiceSettings
 from service.telemetry import Telemetry
 from training.jobs import JobStore
 
 
 @dataclass
 class ServerState:
-    settings: Settings
+    settings: ServiceSettings
+    queue: QueueSettings
     engine: EngineClient
     adapters: AdapterRegistry
     telemetry: Telemetry

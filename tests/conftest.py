@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from faithlens.model import LoadedModel, load_model
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
 from faithlens.tiny import tiny_loaded_model
+
+# GSM8K lives in ../shared/data beside the checkout; set before any settings object is read, and inherited
+# by the servers and workers the tests start.
+os.environ.setdefault("FAITHLENS_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def smollm() -> LoadedModel:
     """The embedded default, loaded once per session (the GGUF conversion is cached on disk)."""
-    settings = get_settings()
+    settings = get_core_settings()
     return load_model(None, device="cpu", dtype="float32", cache_dir=settings.cache_dir)
 
 

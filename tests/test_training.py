@@ -261,9 +261,9 @@ def test_eval_cli_reports_base_and_adapter(tmp_path, monkeypatch, capsys):
     trainer.save_adapter(store / "mine" / "1")
     monkeypatch.setenv("FAITHLENS_MODEL", str(base))
     monkeypatch.setenv("FAITHLENS_ADAPTER_STORE", str(store))
-    from faithlens.settings import get_settings
+    from faithlens.settings import get_core_settings
 
-    get_settings.cache_clear()
+    get_core_settings.cache_clear()
     try:
         assert (
             eval_cli.main(
@@ -282,7 +282,7 @@ def test_eval_cli_reports_base_and_adapter(tmp_path, monkeypatch, capsys):
             == 0
         )
     finally:
-        get_settings.cache_clear()
+        get_core_settings.cache_clear()
     reports = json.loads(capsys.readouterr().out)
     assert [r["problems"] for r in reports] == [2, 2]
     assert reports[1]["model"].startswith("mine")

@@ -23,7 +23,7 @@ from faithlens.data import Problem, load_gsm8k
 from faithlens.model import LoadedModel, load_model
 from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.saliency import SALIENCY_METHODS
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
 
 
 @dataclass
@@ -117,7 +117,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = get_settings()
+    settings = get_core_settings()
     parser = argparse.ArgumentParser(
         prog="python -m training.eval",
         description=__doc__,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     saliency = None if args.saliency == "none" else args.saliency
     reports = [evaluate(lm, problems, lm.name, None, args.max_new_tokens, saliency)]
     if args.adapter:
-        path = resolve_adapter(args.adapter, settings.adapter_store)
+        path = resolve_adapter(args.adapter, settings.adapters)
         lora.attach(lm, path, "candidate")
         reports.append(
             evaluate(lm, problems, f"{args.adapter} ({path})", "candidate", args.max_new_tokens, saliency)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import sys
 
 from faithlens.logs import configure_logging
-from faithlens.settings import get_settings
+from faithlens.settings import get_core_settings
+from jobs.settings import get_queue_settings
 from workers.app import app
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level, settings.log_json)
+    core, settings = get_core_settings(), get_queue_settings()
+    configure_logging(core.log_level, core.log_json)
     args = [
         "worker",
         "-Q",
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         "--concurrency",
         str(settings.worker_concurrency),
         "--loglevel",
-        settings.log_level,
+        core.log_level,
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from faithlens.settings import get_settings
+from jobs.settings import get_queue_settings
 
 
 def make_app() -> Celery:
-    settings = get_settings()
-    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    settings = get_queue_settings()
+    url = settings.redis
     app = Celery("faithlens", broker=url, backend=url, include=["workers.tasks"])
     transport = {"visibility_timeout": settings.job_visibility_timeout_s}
     if settings.job_visibility_timeout_s < 60:  # tests: restore redelivered messages promptly

@@ -8,14 +8,17 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+import torch
 
 from faithlens.answer import reference_answer
 from faithlens.data import Problem, load_gsm8k
 from faithlens.model import load_model
-from faithlens.settings import Settings, get_settings
+from faithlens.settings import CoreSettings, get_core_settings
+from jobs.settings import QueueSettings, get_queue_settings
 from training.config import TrainConfig
 from training.jobs import TERMINAL, Checkpoint, Job, JobError, JobStore
 from training.trainer import Cancelled, Hooks, Trainer
@@ -37,7 +40,19 @@ class JobFailure(Exception):
         self.code, self.message = code, message
 
 
-def load_problems(job: Job, store: JobStore, settings: Settings) -> list[Problem]:
+@dataclass(frozen=True)
+class WorkerSettings:
+    """A worker reads two layers' settings: the core's (model, paths) and the queue's (Redis, leases)."""
+
+    core: CoreSettings
+    queue: QueueSettings
+
+    @classmethod
+    def from_env(cls) -> WorkerSettings:
+        return cls(get_core_settings(), get_queue_settings())
+
+
+def load_problems(job: Job, store: JobStore, settings: CoreSettings) -> list[Problem]:
     if job.training_data == "gsm8k-train":
         return load_gsm8k("train", data_dir=settings.data_dir)
     rows = store.rows(job.id)
@@ -78,25 +93,25 @@ class Heartbeat:
                 log.warning("lease renewal failed", extra={"job": self.job_id})
 
 
-def run_job(job_id: str, worker_id: str, settings: Settings | None = None) -> str:
-    settings = settings or get_settings()
-    store = JobStore(settings.redis_url or "redis://127.0.0.1:6379/0")
+def run_job(job_id: str, worker_id: str, settings: WorkerSettings | None = None) -> str:
+    settings = settings or WorkerSettings.from_env()
+    store = JobStore(settings.queue.redis)
     job = store.get(job_id)
     if job is None:
         log.warning("unknown job", extra={"job": job_id})
         return "missing"
     if job.status in TERMINAL:
         return job.status  # a redelivered copy of a finished job
-    if not store.take_lease(job_id, worker_id, settings.job_lease_ttl_s):
-        raise LeaseBusy(settings.job_lease_ttl_s)
+    if not store.take_lease(job_id, worker_id, settings.queue.job_lease_ttl_s):
+        raise LeaseBusy(settings.queue.job_lease_ttl_s)
     try:
-        with Heartbeat(store, job_id, worker_id, settings.job_lease_ttl_s):
+        with Heartbeat(store, job_id, worker_id, settings.queue.job_lease_ttl_s):
             return _run_leased(store, job, settings)
     finally:
         store.release_lease(job_id, worker_id)
 
 
-def _run_leased(store: JobStore, job: Job, settings: Settings) -> str:
+def _run_leased(store: JobStore, job: Job, settings: WorkerSettings) -> str:
     if store.cancel_requested(job.id):
         return _finish(store, job.id, "cancelled", "cancelled before it started")
     job = store.update(
@@ -124,14 +139,17 @@ def _finish(store: JobStore, job_id: str, status: str, message: str, error: JobE
     return status
 
 
-def _train(store: JobStore, job: Job, settings: Settings) -> None:
+def _train(store: JobStore, job: Job, settings: WorkerSettings) -> None:
     try:
         config = TrainConfig(**job.hyperparameters)
     except (TypeError, ValueError) as exc:
         raise JobFailure("invalid_hyperparameters", str(exc)) from exc
-    problems = load_problems(job, store, settings)
-    lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
-    adapter_root = settings.adapter_store / job.adapter_name
+    core = settings.core
+    if core.torch_threads is not None:
+        torch.set_num_threads(core.torch_threads)
+    problems = load_problems(job, store, core)
+    lm = load_model(core.model, core.device, core.dtype, core.cache_dir)
+    adapter_root = core.adapters / job.adapter_name
     checkpoint_dir = adapter_root / "checkpoints" / job.id
 
     def on_metrics(step: int, metrics: dict) -> None:
@@ -156,7 +174,7 @@ def _train(store: JobStore, job: Job, settings: Settings) -> None:
 
 
 def _publish(
-    store: JobStore, job: Job, settings: Settings, trainer: Trainer, metrics: dict, root: Path
+    store: JobStore, job: Job, settings: WorkerSettings, trainer: Trainer, metrics: dict, root: Path
 ) -> None:
     """Write ``<store>/<name>/<version>/`` (adapter + manifest), mark the job done, announce it."""
     job = store.get(job.id) or job
@@ -187,4 +205,4 @@ def _publish(
     store.update(job.id, status="succeeded", finished_at=int(time.time()), result_adapter=name, error=None)
     store.event(job.id, f"succeeded: adapter {name}", data={"final_metrics": metrics})
     announcement = json.dumps({"name": job.adapter_name, "path": str(target), "version": version})
-    store.redis.publish(settings.adapter_channel, announcement)
+    store.redis.publish(settings.queue.adapter_channel, announcement)

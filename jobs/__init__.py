@@ -1,0 +1,1 @@
+"""Jobs shared by the service and the workers: their settings (and, with issue 12, their models and store)."""

@@ -1,0 +1,46 @@
+"""The queue's settings: Redis, the job queue, and the workers. Shared by the service (which enqueues and
+reads jobs) and the workers (which run them). Environment variables, prefix ``FAITHLENS_`` (``REDIS_URL``
+for Redis)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class QueueSettings(BaseSettings):
+    """Redis, queues and workers."""
+
+    model_config = SettingsConfigDict(env_prefix="FAITHLENS_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "FAITHLENS_REDIS_URL")
+    )
+    adapter_channel: str = Field(default="faithlens:adapters", description="Redis channel for hot-load.")
+    job_visibility_timeout_s: int = Field(
+        default=6 * 3600,
+        ge=1,
+        description="Seconds before an unacknowledged job is redelivered; must exceed the longest job.",
+    )
+    job_lease_ttl_s: int = Field(
+        default=60,
+        ge=2,
+        description="A running job's heartbeat lease; a dead worker's lease expires after it.",
+    )
+    job_queue: str = Field(default="faithlens-jobs", description="The Celery queue jobs are sent to.")
+    worker_concurrency: int = Field(default=1, ge=1, description="Jobs one worker runs at once.")
+    max_upload_rows: int = Field(default=20000, ge=1, description="Rows an uploaded training set may hold.")
+
+    @property
+    def redis(self) -> str:
+        """The Redis URL, or the local default when REDIS_URL is unset."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+
+@lru_cache(maxsize=1)
+def get_queue_settings() -> QueueSettings:
+    return QueueSettings()
