@@ -1,17 +1,21 @@
-"""OpenAI-compatible request bodies and the pieces of responses the routes build.
+"""OpenAI-compatible request bodies, and the response objects and stream chunks the routes send.
 
-Unknown fields are refused; fields OpenAI defines but we do not implement are accepted only at their
-neutral value (``n=1``, zero penalties), otherwise 400 ``unsupported``.
+Unknown request fields are refused; fields OpenAI defines but we do not implement are accepted only at
+their neutral value (``n=1``, zero penalties), otherwise 400 ``unsupported``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import functools
+import operator
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, model_validator
 
+from faithlens.params import NonEmpty
+from faithlens.schema import Analysis
 from service.errors import APIError
-from service.schemas import AnalysisOptions, Message, NonEmpty
+from service.schemas import AnalysisOptions, Message, Usage
 
 
 class StreamOptions(BaseModel):
@@ -98,39 +102,227 @@ class CompletionRequest(_Common):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+# -- responses --------------------------------------------------------------------------------------------
+# The objects the OpenAI-compatible routes send, field for field as OpenAI names them. Fields that
+# OpenAI's objects carry as ``null`` are always sent; the few that are left out when empty (a chunk's
+# ``usage``, a delta's ``role``, the ``faithlens`` annotations, ...) say so with ``exclude_if``, so a
+# plain ``model_dump()`` is the wire format, in a route's ``response_model`` and in the event stream alike.
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def _omitted_when_none(description: str | None = None) -> Any:
+    return Field(default=None, exclude_if=_is_none, description=description)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions ``logprobs`` object."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds to the message: the role once, in the first chunk, then content."""
+
+    role: Literal["assistant"] | None = _omitted_when_none()
+    content: str | None = _omitted_when_none()
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionChoice(BaseModel):
+    """A completion's choice; in a stream, each chunk's ``text`` is the new text only."""
+
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class _OpenAIObject(BaseModel):
+    """What every completion object and stream chunk has around its ``choices``."""
+
+    id: str
+    object: str
+    created: int = Field(description="Unix seconds.")
+    model: str
+    system_fingerprint: str | None = None
+
+
+_ANNOTATIONS = "The annotations asked for with `faithlens` in the request (docs/annotations.md)."
+
+
+class ChatCompletion(_OpenAIObject):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+    faithlens: Analysis | None = _omitted_when_none(_ANNOTATIONS)
+
+
+class Completion(_OpenAIObject):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+    faithlens: Analysis | None = _omitted_when_none(_ANNOTATIONS)
+
+
+class ChatCompletionChunk(_OpenAIObject):
+    """One ``data:`` event of a chat stream. The last ones have ``choices: []``: one with ``faithlens``
+    when annotations were asked for, then one with ``usage`` when ``stream_options.include_usage``."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = _omitted_when_none()
+    faithlens: Analysis | None = _omitted_when_none(_ANNOTATIONS)
+
+
+class CompletionChunk(_OpenAIObject):
+    """One ``data:`` event of a completions stream (OpenAI streams ``text_completion`` objects)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = _omitted_when_none()
+    faithlens: Analysis | None = _omitted_when_none(_ANNOTATIONS)
+
+
+class Model(BaseModel):
+    """The base model (``parent: null``) or a loaded adapter (``parent``: the base model's name)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: the server's start, or the adapter's load.")
+    owned_by: str = "faithlens"
+    root: str = Field(description="Where the weights were read from.")
+    parent: str | None
+    version: str | None = _omitted_when_none("The adapter's loaded version (adapters only).")
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
 def token_bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
 def chat_logprobs(
     texts: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]
-) -> dict[str, Any]:
+) -> ChatLogprobs:
     """OpenAI's chat ``logprobs`` object: one entry per token, each with its top alternatives."""
     content = []
     for i, (text, lp) in enumerate(zip(texts, logprobs, strict=True)):
         top = tops[i] if i < len(tops) else []
         content.append(
-            {
-                "token": text,
-                "logprob": lp,
-                "bytes": token_bytes(text),
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": token_bytes(t)} for t, v in top],
-            }
+            ChatTokenLogprob(
+                token=text,
+                logprob=lp,
+                bytes=token_bytes(text),
+                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=token_bytes(t)) for t, v in top],
+            )
         )
-    return {"content": content, "refusal": None}
+    return ChatLogprobs(content=content)
 
 
 def completion_logprobs(
     texts: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], offset: int
-) -> dict[str, Any]:
+) -> CompletionLogprobs:
     """The legacy completions ``logprobs`` object (tokens, token_logprobs, top_logprobs, text_offset)."""
     offsets, at = [], offset
     for text in texts:
         offsets.append(at)
         at += len(text)
-    return {
-        "tokens": texts,
-        "token_logprobs": logprobs,
-        "top_logprobs": [dict(top) for top in tops] if tops else None,
-        "text_offset": offsets,
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=logprobs,
+        top_logprobs=[dict(top) for top in tops] if tops else None,
+        text_offset=offsets,
+    )
+
+
+# -- event streams in the OpenAPI document ------------------------------------------------------------
+def event_stream(
+    *payloads: type[BaseModel], documented: tuple[type[BaseModel], ...], description: str
+) -> dict[str, Any]:
+    """A ``responses`` entry's ``text/event-stream`` content: each event is ``data: <JSON>`` (one of
+    ``payloads``) and the stream ends with ``data: [DONE]``. The event is described as FastAPI describes
+    its own event streams (``itemSchema``, with the JSON in ``contentSchema``).
+
+    ``documented`` are the models the route documents otherwise (its JSON response, its errors), so they
+    and every model they contain are in the document's ``components``: the payload refers to those there,
+    and holds the others (the chunk types, which appear nowhere else) inline."""
+    in_components: set[str] = set()
+    for model in documented:
+        in_components |= {model.__name__, *model.model_json_schema(mode="serialization").get("$defs", {})}
+    adapter = TypeAdapter(functools.reduce(operator.or_, payloads))
+    payload = _inline(adapter.json_schema(mode="serialization", by_alias=True), in_components)
+    data = {
+        "anyOf": [
+            {"const": "[DONE]", "description": "The end of the stream."},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+        ]
     }
+    item = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"description": description, "content": {"text/event-stream": {"itemSchema": item}}}
+
+
+def _inline(schema: dict[str, Any], in_components: set[str]) -> dict[str, Any]:
+    """``schema`` with its ``#/$defs/<name>`` references pointed at ``#/components/schemas/<name>`` for
+    the names in ``in_components``, and replaced by their definition for the others (none is
+    recursive)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        rest = {k: resolve(v) for k, v in node.items() if k != "$ref"}
+        if "$ref" not in node:
+            return rest
+        name = node["$ref"].removeprefix("#/$defs/")
+        if name in in_components:
+            return {"$ref": f"#/components/schemas/{name}", **rest}
+        return {**resolve(defs[name]), **rest}
+
+    return resolve(schema)

@@ -1,20 +1,36 @@
-"""A bounded schemathesis run against the server's own OpenAPI schema: no input may cause a 5xx."""
+"""A bounded schemathesis run against the server's own OpenAPI schema: no input may cause a 5xx, and every
+response (JSON, event stream, Prometheus text) matches what the schema documents for its status."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
+import schemathesis
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.core.failures import FailureGroup
+from schemathesis.core.transport import Response
 
 from faithlens.tiny import save_tiny
-from tests.servers import start_server
+from tests.servers import REDIS_URL, start_server
+
+CHECKS = [response_schema_conformance, status_code_conformance, content_type_conformance]
 
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
+    queue = f"faithlens-jobs-fuzz-{uuid.uuid4().hex[:8]}"
     tiny = save_tiny(tmp_path_factory.mktemp("tiny-fuzz") / "tiny-llama")
     srv = start_server(
         tmp_path_factory.mktemp("srv-fuzz"),
@@ -23,12 +39,16 @@ def small_server(tmp_path_factory):
         FAITHLENS_MAX_PROMPT_TOKENS="96",
         FAITHLENS_MAX_RL_STEPS="3",
         FAITHLENS_MAX_QUEUE="256",
+        # Fuzzed jobs that happen to be valid go to a queue of their own, which no worker reads (and
+        # which is dropped at the end).
+        FAITHLENS_JOB_QUEUE=queue,
     )
     yield srv
     srv.stop()
+    redis.Redis.from_url(REDIS_URL).delete(queue)
 
 
-def test_schemathesis_finds_no_server_errors(small_server, tmp_path):
+def test_schemathesis_finds_no_server_errors_and_responses_match_the_schema(small_server, tmp_path):
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert exe, "schemathesis is a dev dependency"
     run = subprocess.run(
@@ -37,7 +57,7 @@ def test_schemathesis_finds_no_server_errors(small_server, tmp_path):
             "run",
             f"{small_server.url}/openapi.json",
             "--checks",
-            "not_a_server_error",
+            ",".join(check.__name__ for check in [*CHECKS, schemathesis.checks.not_a_server_error]),
             "--max-examples",
             "25",
             "--seed",
@@ -46,10 +66,9 @@ def test_schemathesis_finds_no_server_errors(small_server, tmp_path):
             "60",
             "--workers",
             "1",
-            "--exclude-path",
-            "/metrics",
             # With follow=true this streams a queued job's events until the job ends, and no worker runs
-            # here, so a fuzzed job that happens to be valid is followed forever; test_jobs covers it.
+            # here, so a fuzzed job that happens to be valid is followed forever; test_jobs covers it, and
+            # test_streams_match_their_documented_events below checks its stream against the schema.
             "--exclude-path",
             "/v1/jobs/{job_id}/events",
         ],
@@ -60,3 +79,67 @@ def test_schemathesis_finds_no_server_errors(small_server, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:] + small_server.log_text()[-3000:]
     assert '"level": "error"' not in small_server.log_text()
+
+
+def _checked(schema, url: str, method: str, path: str, body: dict | None = None, **params) -> Response:
+    """Call ``method path`` with ``body`` (and ``params``: path parameters, then the query) and check the
+    response against what ``schema`` documents."""
+    in_path = {name: value for name, value in params.items() if "{" + name + "}" in path}
+    query = {name: value for name, value in params.items() if name not in in_path}
+    kwargs = {"body": body, "media_type": "application/json"} if body is not None else {}
+    case = schema[path][method].Case(path_parameters=in_path, query=query, **kwargs)
+    response = case.call(base_url=url, timeout=60)
+    case.validate_response(response, checks=CHECKS)
+    return response
+
+
+def test_streams_match_their_documented_events(small_server):
+    """The fuzzer reaches the event streams only by chance (and never the jobs' one), so each is called
+    here with the options that shape its events (logprobs, annotations, usage), and checked the same
+    way, event by event, against the schema served by the server."""
+    url = small_server.url
+    document = httpx.get(f"{url}/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(document)
+    messages = [{"role": "user", "content": "hi"}]
+    annotated = {
+        "faithlens": {"metrics": ["fai", "waad", "flags"]},
+        "stream_options": {"include_usage": True},
+    }
+    chat = {"messages": messages, "max_tokens": 3, "logprobs": True, "top_logprobs": 2}
+    completion = {"prompt": "hi", "max_tokens": 3, "logprobs": 2}
+    for path, body in [("/v1/chat/completions", chat), ("/v1/completions", completion)]:
+        plain = _checked(schema, url, "POST", path, body)
+        assert plain.headers["content-type"][0].startswith("application/json")
+        streamed = _checked(schema, url, "POST", path, {**body, **annotated, "stream": True})
+        assert streamed.headers["content-type"][0].startswith("text/event-stream")
+        events = [e for e in streamed.text.split("\n\n") if e]
+        assert '"faithlens"' in events[-3] and '"usage"' in events[-2] and events[-1] == "data: [DONE]"
+
+    with small_server.client() as c:
+        job = c.post(
+            "/v1/jobs",
+            json={
+                "method": {"type": "grpo"},
+                "training_data": [{"question": "1+1?", "answer": "2"}],
+                "adapter_name": "fuzz-stream",
+            },
+        ).json()
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    _checked(schema, url, "GET", "/v1/jobs/{job_id}/events", job_id=job["id"])
+    followed = _checked(schema, url, "GET", "/v1/jobs/{job_id}/events", job_id=job["id"], follow="true")
+    assert followed.text.endswith('"status": "cancelled"}\n\ndata: [DONE]\n\n')
+    _checked(schema, url, "GET", "/metrics")
+
+    # The check has teeth: a chunk schema that requires a field no chunk has fails on the first event.
+    broken = copy.deepcopy(document)
+    stream = broken["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    payload = stream["text/event-stream"]["itemSchema"]["properties"]["data"]["anyOf"][1]["contentSchema"]
+    payload["anyOf"][0]["required"].append("no_such_field")
+    with pytest.raises(FailureGroup, match="SSE event violates schema"):
+        _checked(
+            schemathesis.openapi.from_dict(broken),
+            url,
+            "POST",
+            "/v1/chat/completions",
+            {**chat, "stream": True},
+        )

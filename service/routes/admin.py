@@ -6,11 +6,13 @@ from fastapi import APIRouter, Depends, Request
 
 from service.adapters import AdapterVersion
 from service.auth import require
+from service.openai_schemas import Model, ModelList
 from service.routes.native import ERRORS
-from service.schemas import AdapterInfo, AdapterList, LoadAdapterRequest, UnloadAdapterRequest
+from service.schemas import AdapterInfo, AdapterList, ErrorResponse, LoadAdapterRequest, UnloadAdapterRequest
 from service.state import get_state
 
 router = APIRouter(prefix="/v1", tags=["models"], responses=ERRORS)
+ADMIN = {403: {"model": ErrorResponse, "description": "The key lacks the `admin` scope."}}
 
 
 def _info(version: AdapterVersion) -> AdapterInfo:
@@ -19,33 +21,29 @@ def _info(version: AdapterVersion) -> AdapterInfo:
     )
 
 
-@router.get("/models", dependencies=[Depends(require("infer"))])
-async def list_models(request: Request) -> dict:
+@router.get("/models", response_model=ModelList, dependencies=[Depends(require("infer"))])
+async def list_models(request: Request) -> ModelList:
     """The base model and every loaded adapter, each adapter with ``parent`` and ``root`` as in vLLM."""
     state = get_state(request)
-    base = {
-        "id": state.model_name,
-        "object": "model",
-        "created": state.started_at,
-        "owned_by": "faithlens",
-        "root": state.model_root,
-        "parent": None,
-        "max_model_len": state.engine.max_model_len,
-    }
+    base = Model(
+        id=state.model_name,
+        created=state.started_at,
+        root=state.model_root,
+        parent=None,
+        max_model_len=state.engine.max_model_len,
+    )
     adapters = [
-        {
-            "id": v.name,
-            "object": "model",
-            "created": v.loaded_at,
-            "owned_by": "faithlens",
-            "root": str(v.path),
-            "parent": state.model_name,
-            "version": v.version,
-            "max_model_len": state.engine.max_model_len,
-        }
+        Model(
+            id=v.name,
+            created=v.loaded_at,
+            root=str(v.path),
+            parent=state.model_name,
+            version=v.version,
+            max_model_len=state.engine.max_model_len,
+        )
         for v in state.adapters.list()
     ]
-    return {"object": "list", "data": [base, *adapters]}
+    return ModelList(data=[base, *adapters])
 
 
 @router.get("/adapters", response_model=AdapterList, dependencies=[Depends(require("infer"))])
@@ -53,13 +51,17 @@ async def list_adapters(request: Request) -> AdapterList:
     return AdapterList(data=[_info(v) for v in get_state(request).adapters.list()])
 
 
-@router.post("/adapters/load", response_model=AdapterInfo, dependencies=[Depends(require("admin"))])
+@router.post(
+    "/adapters/load", response_model=AdapterInfo, responses=ADMIN, dependencies=[Depends(require("admin"))]
+)
 async def load_adapter(body: LoadAdapterRequest, request: Request) -> AdapterInfo:
     """Load (or replace) an adapter from the adapter store; a replaced version serves its in-flight
     requests to the end."""
     return _info(await get_state(request).adapters.load(body.name, body.path))
 
 
-@router.post("/adapters/unload", response_model=AdapterInfo, dependencies=[Depends(require("admin"))])
+@router.post(
+    "/adapters/unload", response_model=AdapterInfo, responses=ADMIN, dependencies=[Depends(require("admin"))]
+)
 async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> AdapterInfo:
     return _info(await get_state(request).adapters.unload(body.name))

@@ -7,21 +7,33 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from faithlens.params import NonEmpty
 from service.auth import require
 from service.errors import APIError
+from service.openai_schemas import event_stream
 from service.routes.native import ERRORS
-from service.schemas import AdapterName, NonEmpty
+from service.schemas import AdapterName, ErrorResponse
 from service.state import ServerState, get_state
 from training.config import TrainConfig
-from training.jobs import RUN_JOB_TASK, TERMINAL, Job, JobStore, new_job_id
+from training.jobs import (
+    RUN_JOB_TASK,
+    TERMINAL,
+    Checkpoint,
+    Job,
+    JobEvent,
+    JobStore,
+    Status,
+    new_job_id,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+ADMIN = {403: {"model": ErrorResponse, "description": "The key lacks the `admin` scope."}}
 
 
 class TrainingRow(BaseModel):
@@ -78,6 +90,29 @@ class CreateJobRequest(BaseModel):
         return self
 
 
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Checkpoint]
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+
+
+class JobStreamEnd(BaseModel):
+    """The last JSON event of ``events?follow=true``: the job's final status."""
+
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    status: Status | None = Field(description="null if the job was deleted meanwhile.")
+
+
 def _store(state: ServerState) -> JobStore:
     if state.jobs is None:
         raise APIError(503, "jobs_unavailable", "jobs need Redis: set REDIS_URL")
@@ -101,7 +136,7 @@ def _config(body: CreateJobRequest) -> TrainConfig:
         raise APIError(400, "invalid_request", str(exc), "method") from exc
 
 
-@router.post("", dependencies=[Depends(require("admin"))])
+@router.post("", responses=ADMIN, dependencies=[Depends(require("admin"))])
 async def create_job(body: CreateJobRequest, request: Request) -> Job:
     state = get_state(request)
     store = _store(state)
@@ -115,11 +150,11 @@ async def create_job(body: CreateJobRequest, request: Request) -> Job:
         rows = body.training_data.rows()
     elif isinstance(body.training_data, list):
         rows = body.training_data
-    if rows is not None and len(rows) > state.settings.max_upload_rows:
+    if rows is not None and len(rows) > state.queue.max_upload_rows:
         raise APIError(
             400,
             "invalid_training_data",
-            f"{len(rows)} rows; the limit is {state.settings.max_upload_rows}",
+            f"{len(rows)} rows; the limit is {state.queue.max_upload_rows}",
             "training_data",
         )
     if rows is not None and not rows:
@@ -136,18 +171,16 @@ async def create_job(body: CreateJobRequest, request: Request) -> Job:
         metadata=body.metadata,
     )
     await asyncio.to_thread(store.create, job, [r.model_dump() for r in rows] if rows is not None else None)
-    await asyncio.to_thread(
-        state.celery.send_task, RUN_JOB_TASK, args=[job.id], queue=state.settings.job_queue
-    )
+    await asyncio.to_thread(state.celery.send_task, RUN_JOB_TASK, args=[job.id], queue=state.queue.job_queue)
     return job
 
 
 @router.get("", dependencies=[Depends(require("infer"))])
 async def list_jobs(
     request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
-) -> dict[str, Any]:
+) -> JobList:
     jobs = await asyncio.to_thread(_store(get_state(request)).list, limit + 1, after)
-    return {"object": "list", "data": jobs[:limit], "has_more": len(jobs) > limit}
+    return JobList(data=jobs[:limit], has_more=len(jobs) > limit)
 
 
 @router.get("/{job_id}", dependencies=[Depends(require("infer"))])
@@ -155,7 +188,11 @@ async def get_job(job_id: str, request: Request) -> Job:
     return await _job(get_state(request), job_id)
 
 
-@router.post("/{job_id}/cancel", dependencies=[Depends(require("admin"))])
+@router.post(
+    "/{job_id}/cancel",
+    responses={**ADMIN, 409: {"model": ErrorResponse, "description": "The job has already finished."}},
+    dependencies=[Depends(require("admin"))],
+)
 async def cancel_job(job_id: str, request: Request) -> Job:
     """A queued job is cancelled at once; a running one stops at its next step boundary."""
     state = get_state(request)
@@ -171,16 +208,29 @@ async def cancel_job(job_id: str, request: Request) -> Job:
 
 
 @router.get("/{job_id}/checkpoints", dependencies=[Depends(require("infer"))])
-async def list_checkpoints(job_id: str, request: Request) -> dict[str, Any]:
+async def list_checkpoints(job_id: str, request: Request) -> CheckpointList:
     state = get_state(request)
     await _job(state, job_id)
-    return {"object": "list", "data": await asyncio.to_thread(_store(state).checkpoints, job_id)}
+    return CheckpointList(data=await asyncio.to_thread(_store(state).checkpoints, job_id))
 
 
-@router.get("/{job_id}/events", dependencies=[Depends(require("infer"))])
+@router.get(
+    "/{job_id}/events",
+    response_model=JobEventList,
+    responses={
+        200: event_stream(
+            JobEvent,
+            JobStreamEnd,
+            documented=(JobEventList,),
+            description="The events; with `follow=true`, an event stream of `JobEvent` objects, then one "
+            "`JobStreamEnd` when the job has finished, then `data: [DONE]`.",
+        )
+    },
+    dependencies=[Depends(require("infer"))],
+)
 async def list_events(
     job_id: str, request: Request, follow: bool = False, after: Annotated[int, Query(ge=0, le=10**9)] = 0
-):
+) -> JobEventList | StreamingResponse:
     """All events from index ``after``; with ``follow=true`` an SSE stream that ends, with ``[DONE]``,
     when the job finishes."""
     state = get_state(request)
@@ -188,7 +238,7 @@ async def list_events(
     await _job(state, job_id)
     if not follow:
         events = await asyncio.to_thread(store.events, job_id, after)
-        return {"object": "list", "data": events}
+        return JobEventList(data=events)
 
     async def stream() -> AsyncIterator[str]:
         seen = after
@@ -200,7 +250,8 @@ async def list_events(
             job = await asyncio.to_thread(store.get, job_id)
             finished = job is None or job.status in TERMINAL
             if finished and not await asyncio.to_thread(store.events, job_id, seen):
-                yield f"data: {json.dumps({'object': 'fine_tuning.job', 'status': job.status if job else None})}\n\n"
+                end = JobStreamEnd(status=job.status if job else None)
+                yield f"data: {json.dumps(end.model_dump())}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             await asyncio.sleep(0.5)

@@ -9,10 +9,11 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from faithlens.engine import (
     EngineError,
@@ -22,17 +23,33 @@ from faithlens.engine import (
     TokenOutput,
     new_request_id,
 )
-from faithlens.generation import SamplingParams
+from faithlens.params import SamplingParams
+from faithlens.schema import Analysis
 from service.auth import require
 from service.errors import from_engine
 from service.openai_schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
+    FinishReason,
     _Common,
+    _OpenAIObject,
     chat_logprobs,
     completion_logprobs,
+    event_stream,
 )
 from service.routes.native import ERRORS
+from service.schemas import ErrorResponse, Usage
 from service.state import (
     ServerState,
     analysis_spec,
@@ -44,6 +61,12 @@ from service.state import (
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS, dependencies=[Depends(require("infer"))])
+
+ObjectT = TypeVar("ObjectT", bound=_OpenAIObject)
+_STREAMED = (
+    "With `stream: true`, an event stream of `{}` objects, then `data: [DONE]`; an error after the "
+    "stream began is sent as one `ErrorResponse` event, with no `[DONE]` after it."
+)
 
 
 def _request(
@@ -61,7 +84,6 @@ def _request(
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_list(),
-        top_logprobs=top,
     )
     return GenerationRequest(
         prompt,
@@ -69,29 +91,43 @@ def _request(
         adapter,
         analysis_spec(body.faithlens),
         fit_context=requested is None,
+        top_logprobs=top,
         request_id=new_request_id("gen"),
         field_names={"max_new_tokens": param, "adapter": "model"},
     )
 
 
-def _usage(output: RequestOutput) -> dict[str, int]:
+def _usage(output: RequestOutput) -> Usage:
     prompt, completion = len(output.prompt_token_ids), len(output.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _annotations(output: RequestOutput, body: _Common, state: ServerState) -> dict[str, Any] | None:
+def _annotations(output: RequestOutput, body: _Common, state: ServerState) -> Analysis | None:
     if output.analysis is None or body.faithlens is None:
         return None
     adapter = resolve_model(state, body.model)
-    return present(output.analysis, body.faithlens, state.model_name, adapter).to_json_dict()
+    return present(output.analysis, body.faithlens, state.model_name, adapter)
 
 
 def _split(tokens: list[TokenOutput]) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
     return [t.text for t in tokens], [t.logprob for t in tokens], [t.top for t in tokens]
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={
+        200: event_stream(
+            ChatCompletionChunk,
+            ErrorResponse,
+            documented=(ChatCompletion, ErrorResponse),
+            description="A chat completion. " + _STREAMED.format("ChatCompletionChunk"),
+        )
+    },
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> ChatCompletion | StreamingResponse:
     body.check_supported()
     state = get_state(request)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -102,43 +138,49 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = body.model or state.model_name
     created = int(time.time())
 
-    def logprobs_of(tokens: list[TokenOutput]) -> dict | None:
+    def logprobs_of(tokens: list[TokenOutput]) -> ChatLogprobs | None:
         return chat_logprobs(*_split(tokens)) if body.logprobs else None
 
-    chunk = functools.partial(_chunk, response_id, "chat.completion.chunk", created, model)
+    chunk = functools.partial(_chunk, ChatCompletionChunk, response_id, created, model)
 
-    def delta(content: dict, tokens: list[TokenOutput], finish_reason: str | None = None) -> dict:
-        choice = {
-            "index": 0,
-            "delta": content,
-            "logprobs": logprobs_of(tokens) if tokens else None,
-            "finish_reason": finish_reason,
-        }
-        return chunk([choice])
+    def delta(
+        content: ChatDelta, tokens: list[TokenOutput], finish_reason: FinishReason | None = None
+    ) -> ChatCompletionChunk:
+        logprobs = logprobs_of(tokens) if tokens else None
+        return chunk([ChatChunkChoice(delta=content, logprobs=logprobs, finish_reason=finish_reason)])
 
     if body.stream:
         return await _event_stream(
             state,
             engine_request,
             body,
-            delta({"role": "assistant", "content": ""}, []),
-            lambda text, toks: delta({"content": text}, toks),
-            lambda reason: delta({}, [], reason),
+            delta(ChatDelta(role="assistant", content=""), []),
+            lambda text, toks: delta(ChatDelta(content=text), toks),
+            lambda reason: delta(ChatDelta(), [], reason),
             chunk,
         )
     output, tokens = await _complete(state, engine_request, body, request)
-    message = {"role": "assistant", "content": output.text, "refusal": None}
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": logprobs_of(tokens),
-        "finish_reason": output.finish_reason,
-    }
-    return _final(output, body, state, response_id, "chat.completion", created, model, choice)
+    choice = ChatChoice(
+        message=ChatMessage(content=output.text),
+        logprobs=logprobs_of(tokens),
+        finish_reason=output.finish_reason,
+    )
+    return _final(ChatCompletion, output, body, state, response_id, created, model, choice)
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, request: Request):
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses={
+        200: event_stream(
+            CompletionChunk,
+            ErrorResponse,
+            documented=(Completion, ErrorResponse),
+            description="A completion. " + _STREAMED.format("CompletionChunk"),
+        )
+    },
+)
+async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     body.check_supported()
     state = get_state(request)
     engine_request = _request(
@@ -149,7 +191,7 @@ async def completions(body: CompletionRequest, request: Request):
     created = int(time.time())
     offset = 0
 
-    def logprobs_of(tokens: list[TokenOutput]) -> dict | None:
+    def logprobs_of(tokens: list[TokenOutput]) -> CompletionLogprobs | None:
         nonlocal offset
         if body.logprobs is None:
             return None
@@ -157,10 +199,10 @@ async def completions(body: CompletionRequest, request: Request):
         offset += sum(len(t.text) for t in tokens)
         return out
 
-    def choice(text: str, tokens: list[TokenOutput], finish_reason: str | None) -> dict:
-        return {"index": 0, "text": text, "logprobs": logprobs_of(tokens), "finish_reason": finish_reason}
+    def choice(text: str, tokens: list[TokenOutput], finish_reason: FinishReason | None) -> CompletionChoice:
+        return CompletionChoice(text=text, logprobs=logprobs_of(tokens), finish_reason=finish_reason)
 
-    chunk = functools.partial(_chunk, response_id, "text_completion", created, model)
+    chunk = functools.partial(_chunk, CompletionChunk, response_id, created, model)
 
     if body.stream:
         return await _event_stream(
@@ -174,11 +216,11 @@ async def completions(body: CompletionRequest, request: Request):
         )
     output, tokens = await _complete(state, engine_request, body, request)
     return _final(
+        Completion,
         output,
         body,
         state,
         response_id,
-        "text_completion",
         created,
         model,
         choice(output.text, tokens, output.finish_reason),
@@ -202,48 +244,50 @@ async def _complete(
     return output, tokens
 
 
-def _chunk(response_id: str, kind: str, created: int, model: str, choices: list[dict], **extra: Any) -> dict:
-    """One OpenAI object around ``choices``: a stream chunk, or the final object's frame."""
-    return {
-        "id": response_id,
-        "object": kind,
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": choices,
-        **extra,
-    }
+def _chunk(
+    kind: type[ObjectT], response_id: str, created: int, model: str, choices: list[Any], **extra: Any
+) -> ObjectT:
+    """One OpenAI object of type ``kind`` around ``choices``: a stream chunk, or the final object.
+    ``extra`` is ``usage`` and ``faithlens``."""
+    return kind(id=response_id, created=created, model=model, choices=choices, **extra)
 
 
 def _final(
+    kind: type[ObjectT],
     output: RequestOutput,
     body: _Common,
     state: ServerState,
     response_id: str,
-    kind: str,
     created: int,
     model: str,
-    choice: dict,
-) -> JSONResponse:
+    choice: BaseModel,
+) -> ObjectT:
     """The non-streaming answer: one choice, usage, and the annotations when they were asked for."""
-    payload = _chunk(response_id, kind, created, model, [choice], usage=_usage(output))
-    if (annotations := _annotations(output, body, state)) is not None:
-        payload["faithlens"] = annotations
-    return JSONResponse(payload)
+    return _chunk(
+        kind,
+        response_id,
+        created,
+        model,
+        [choice],
+        usage=_usage(output),
+        faithlens=_annotations(output, body, state),
+    )
 
 
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+def _sse(data: BaseModel | str) -> str:
+    if isinstance(data, BaseModel):
+        data = json.dumps(data.model_dump(mode="json", by_alias=True))
+    return f"data: {data}\n\n"
 
 
 async def _event_stream(
     state: ServerState,
     engine_request: GenerationRequest,
     body: _Common,
-    first: dict | None,
-    on_delta: Callable[[str, list[TokenOutput]], dict],
-    on_finish: Callable[[str], dict],
-    chunk: Callable[..., dict],
+    first: _OpenAIObject | None,
+    on_delta: Callable[[str, list[TokenOutput]], _OpenAIObject],
+    on_finish: Callable[[str], _OpenAIObject],
+    chunk: Callable[..., _OpenAIObject],
 ) -> StreamingResponse:
     """OpenAI's SSE framing. The first output is awaited before the response starts, so errors of
     admission (unknown model, limits, overload) keep their HTTP status; later errors become an error
@@ -284,7 +328,7 @@ async def _event_stream(
                 yield _sse(chunk([], usage=_usage(last)))
             yield _sse("[DONE]")
         except EngineError as exc:
-            yield _sse(from_engine(exc, engine_request.field_names).body())
+            yield _sse(ErrorResponse.model_validate(from_engine(exc, engine_request.field_names).body()))
         finally:
             with contextlib.suppress(BaseException):
                 await outputs.aclose()  # type: ignore[attr-defined]
