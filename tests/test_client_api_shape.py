@@ -4,16 +4,21 @@ never imports the server's code."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import subprocess
 import sys
 import types
 
+import faithlens_client
 import pytest
-from faithlens_client import AsyncFaithlens, Faithlens, _client, audit, cli, errors, render
-from faithlens_client import types as sdk_types
+from faithlens_client import AsyncFaithlens, Faithlens, _client
 
-MODULES = (_client, audit, cli, errors, render, sdk_types)
+MODULES = [
+    importlib.import_module(f"faithlens_client.{info.name}")
+    for info in pkgutil.iter_modules(faithlens_client.__path__)
+]
 
 
 def public_methods(cls: type) -> dict[str, types.FunctionType]:

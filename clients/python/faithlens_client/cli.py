@@ -191,7 +191,9 @@ def cmd_capabilities(args: argparse.Namespace, client: Faithlens) -> int:
     print("saliency methods (--saliency):")
     width = max((len(m.name) for m in caps.saliency_methods), default=0)
     for m in caps.saliency_methods:
-        print(f"  {m.name:<{width}}  {m.description}" + (f"  [cost: {m.cost}]" if m.cost else ""))
+        notes = [f"options: {', '.join(m.options)}"] if m.options else []
+        notes += [f"cost: {m.cost}"] if m.cost else []
+        print(f"  {m.name:<{width}}  {m.description}" + (f"  [{'; '.join(notes)}]" if notes else ""))
     print("credit strategies (jobs create --set credit=...):")
     width = max((len(c.name) for c in caps.credit_strategies), default=0)
     for c in caps.credit_strategies:

@@ -168,6 +168,7 @@ class SaliencyMethodInfo(_Model):
 
     name: str
     description: str = ""
+    options: list[str] = Field(default_factory=list)  # the saliency options it reads beyond the shared ones
     cost: str | None = None
 
 
