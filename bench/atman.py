@@ -196,7 +196,11 @@ def main() -> None:
     from faithlens.tiny import tiny_loaded_model
 
     torch.manual_seed(0)
-    lm = tiny_loaded_model("llama") if args.smoke else load_model(None, cache_dir=get_core_settings().cache_dir)
+    lm = (
+        tiny_loaded_model("llama")
+        if args.smoke
+        else load_model(None, cache_dir=get_core_settings().cache_dir)
+    )
     print("machine:", json.dumps(machine()))
     if args.part in {"1", "all"}:
         part1(lm, [24] if args.smoke else args.sizes)

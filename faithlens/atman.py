@@ -334,36 +334,34 @@ def _mask_cost(x: CostInput) -> float:
     return cost.forward(n, n) + (x.params.rl_steps + 2) * cost.BACKWARD_FACTOR * cost.forward(cot, n)
 
 
-ATMAN = SALIENCY_METHODS.register(
+_GROUPS = ("factor", "conceptual_threshold", "granularity")  # what the two AtMan forms read
+for _method in (
     SaliencyMethod(
-        name="atman",
-        description="Exact AtMan (spec §7): the drop in the target's log-probability when each token, "
-        "word or sentence is suppressed, one batched forward pass per group.",
-        compute=_exact,
-        cost=_exact_cost,
-        options=("factor", "conceptual_threshold", "granularity"),
-        cost_note="one forward pass per suppression group, from the group on",
-    )
-)
-ATMAN_GRAD = SALIENCY_METHODS.register(
+        "atman",
+        "Exact AtMan (spec §7): the drop in the target's log-probability when each token, word or "
+        "sentence is suppressed, one batched forward pass per group.",
+        _exact,
+        _exact_cost,
+        _GROUPS,
+        "one forward pass per suppression group, from the group on",
+    ),
     SaliencyMethod(
-        name="atman_grad",
-        description="AtMan to first order: the gradient of the target's log-probability against the "
-        "suppression bias, from one forward and one backward pass.",
-        compute=_grad,
-        cost=_grad_cost,
-        options=("factor", "conceptual_threshold", "granularity"),
-        cost_note="one forward and one backward pass",
-    )
-)
-ATMAN_RL = SALIENCY_METHODS.register(
+        "atman_grad",
+        "AtMan to first order: the gradient of the target's log-probability against the suppression "
+        "bias, from one forward and one backward pass.",
+        _grad,
+        _grad_cost,
+        _GROUPS,
+        "one forward and one backward pass",
+    ),
     SaliencyMethod(
-        name="atman_rl",
-        description="AtManRL's mask (spec §8): how far each reasoning token had to be re-enabled to "
-        "restore the answer, learned in rl_steps optimiser steps.",
-        compute=_mask,
-        cost=_mask_cost,
-        options=("rl_steps",),
-        cost_note="rl_steps forward and backward passes over the response",
-    )
-)
+        "atman_rl",
+        "AtManRL's mask (spec §8): how far each reasoning token had to be re-enabled to restore the "
+        "answer, learned in rl_steps optimiser steps.",
+        _mask,
+        _mask_cost,
+        ("rl_steps",),
+        "rl_steps forward and backward passes over the response",
+    ),
+):
+    SALIENCY_METHODS.register(_method)

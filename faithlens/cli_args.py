@@ -2,7 +2,7 @@
 declares an option, a default or a bound of its own.
 
 Every field becomes ``--field-name VALUE`` (a bool becomes ``--name/--no-name``). The value is read as
-the first of these that the field accepts: the text itself, JSON (``null``, ``[1, 2]``), a
+the first of these that the field accepts: the text itself, JSON (``null``, ``[1, 2]``; ``none`` is null too), a
 comma-separated list (``10,12,15``); pydantic then validates the whole model exactly as it validates a
 request, so the CLI's errors are the API's.
 """
@@ -69,6 +69,8 @@ def _candidates(raw: list[str]) -> list[Any]:
     found: list[Any] = [text]
     with contextlib.suppress(json.JSONDecodeError):
         found.append(json.loads(text))
+    if text.lower() == "none":
+        found.append(None)  # Python's spelling of null
     found.append([part.strip() for part in text.split(",")])
     return found
 

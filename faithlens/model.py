@@ -96,10 +96,6 @@ class LoadedModel:
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
-    def chat_prompt_ids(self, messages: Messages) -> list[int]:
-        """Token ids of ``messages`` under the chat template, ending with the assistant header."""
-        return encode_prompt(self.tokenizer, messages=messages)
-
     def prompt_ids(
         self, prompt: str | None = None, messages: Messages | None = None, chat: bool = False
     ) -> list[int]:

@@ -52,11 +52,6 @@ class Registry(Generic[E]):
             self._entries[entry.name] = entry
         return entry
 
-    def unregister(self, name: str) -> None:
-        """Remove an entry (for tests that register a toy one)."""
-        with self._lock:
-            self._entries.pop(name, None)
-
     def get(self, name: str) -> E:
         self._load()
         try:

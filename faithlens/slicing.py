@@ -79,7 +79,6 @@ class SlicedRun(Generic[T]):
         self.result: T | None = None
         self.error: BaseException | None = None
         self.slices = 0
-        self.busy_s = 0.0
 
     def run_slice(self, budget_s: float) -> bool:
         """Let ``fn`` run until its first checkpoint after ``budget_s`` seconds; True once it has ended."""
@@ -89,7 +88,6 @@ class SlicedRun(Generic[T]):
         self._budget_end = started + budget_s
         self._resume()
         self.slices += 1
-        self.busy_s += time.perf_counter() - started
         return self.done
 
     def stop(self, reason: BaseException) -> None:

@@ -77,9 +77,6 @@ class ChatCompletionRequest(_Common):
             raise ValueError("top_logprobs requires logprobs: true")
         return self
 
-    def new_tokens(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
-
 
 class CompletionRequest(_Common):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]

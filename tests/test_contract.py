@@ -251,3 +251,18 @@ def test_registered_method_through_the_developer_cli(tiny_dir, plugin_env):
         cwd=REPO,
     )
     assert "toy_distance" in helped.stdout
+
+
+def test_sdk_checks_options_before_sending(server):
+    """The mirror is what the SDK sends: a bad option fails in the client, with the server's bound."""
+    from pydantic import ValidationError
+
+    with Faithlens(server.url) as client:
+        with pytest.raises(ValidationError, match="rl_steps"):
+            client.analyze("Q", completion=" x", saliency={"method": "atman_rl", "rl_steps": 5000})
+        with pytest.raises(ValidationError, match="top_p"):
+            client.generate("Q", top_p=0.0)
+        typed = AnalysisOptions(W=4, saliency=SaliencyOptions(method="atman_grad", granularity="word"))
+        result = client.analyze("Q: 2+2?", completion=" 4. #### 4", analysis=typed)
+    assert result.annotations is not None
+    assert result.annotations.params["W"] == 4 and result.annotations.summary.saliency_method == "atman_grad"

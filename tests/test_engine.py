@@ -4,7 +4,6 @@ run between their slices; stopping unwinds at once; the cost estimate follows th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 
 import pytest
@@ -23,7 +22,7 @@ from faithlens.engine import (
     Prompt,
 )
 from faithlens.model import unwrap
-from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
+from faithlens.params import AnalysisParams, ComputeOptions, SaliencyParams, SamplingParams
 from faithlens.slicing import SlicedRun, checkpoint, install_checkpoints
 
 PROMPT = "Question: Tom has 3 apples and buys 4 more. How many?\n"
@@ -145,9 +144,16 @@ def test_cost_estimate_follows_the_tokens_really_run(monkeypatch, granularity):
     monkeypatch.setattr(cost, "ATTENTION_TOKENS", math.inf)
     prompt_ids = lm.prompt_ids(PROMPT)
     response_ids = lm.completion_ids(COMPLETION)
-    saliency = SaliencyParams(method="atman", granularity=granularity, recompute_slack=0.0)
+    saliency = SaliencyParams(method="atman", granularity=granularity)
     counted = _count_forward_tokens(lm)
-    analyze(lm, prompt_ids, response_ids, AnalysisParams(), saliency=saliency)
+    analyze(
+        lm,
+        prompt_ids,
+        response_ids,
+        AnalysisParams(),
+        saliency=saliency,
+        compute=ComputeOptions(recompute_slack=0.0),
+    )
     texts = lm.token_texts(prompt_ids + response_ids)
     estimate = cost.analysis_cost(texts, len(prompt_ids), saliency)
     assert sum(counted) <= estimate <= 1.15 * sum(counted), (sum(counted), estimate)
@@ -167,7 +173,9 @@ def test_too_costly_is_refused_before_any_work_and_says_what_fits(tiny_llama):
     spec = AnalysisSpec(AnalysisParams(), SaliencyParams(method="atman"))
     prompt_ids = tiny_llama.prompt_ids(PROMPT)
     texts = tiny_llama.token_texts(prompt_ids + tiny_llama.completion_ids(COMPLETION))
-    grad = cost.analysis_cost(texts, len(prompt_ids), dataclasses.replace(spec.saliency, method="atman_grad"))
+    grad = cost.analysis_cost(
+        texts, len(prompt_ids), spec.saliency.model_copy(update={"method": "atman_grad"})
+    )
     limit = math.ceil(grad) + 1
 
     async def run() -> AnalysisTooCostly:

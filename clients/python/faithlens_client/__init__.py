@@ -21,6 +21,7 @@ from faithlens_client.errors import (
     OverloadedError,
     PermissionDeniedError,
 )
+from faithlens_client.params import AnalysisOptions, SaliencyOptions, SamplingOptions
 from faithlens_client.render import render_page
 from faithlens_client.types import Capabilities, CreditStrategyInfo, SaliencyMethodInfo
 
@@ -28,6 +29,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "Adapters",
+    "AnalysisOptions",
     "AsyncAdapters",
     "AsyncFaithlens",
     "AsyncJobs",
@@ -45,5 +47,7 @@ __all__ = [
     "OverloadedError",
     "PermissionDeniedError",
     "SaliencyMethodInfo",
+    "SaliencyOptions",
+    "SamplingOptions",
     "render_page",
 ]

@@ -22,6 +22,7 @@ import httpx
 
 from faithlens_client import errors
 from faithlens_client.audit import AuditReport
+from faithlens_client.params import AnalysisOptions, SaliencyOptions, SamplingOptions
 from faithlens_client.types import (
     Adapter,
     Capabilities,
@@ -95,12 +96,19 @@ def _sse_item(call: Call[T], line: str) -> T | None:
 
 # -- request builders shared by both clients ------------------------------------------------------------------
 def _analysis(
-    analysis: dict[str, Any] | None, saliency: str | dict[str, Any] | None
+    analysis: AnalysisOptions | dict[str, Any] | None, saliency: str | SaliencyOptions | dict[str, Any] | None
 ) -> dict[str, Any] | None:
-    if saliency is None:
-        return analysis
-    options = {"method": saliency} if isinstance(saliency, str) else saliency
-    return {**(analysis or {}), "saliency": options}
+    """The ``analysis`` body, checked against the server's bounds (``params.py``) before it is sent."""
+    if analysis is None and saliency is None:
+        return None
+    options = (
+        analysis if isinstance(analysis, AnalysisOptions) else AnalysisOptions.model_validate(analysis or {})
+    )
+    if saliency is not None:
+        method = {"method": saliency} if isinstance(saliency, str) else saliency
+        options = options.model_copy(update={"saliency": SaliencyOptions.model_validate(method)})
+        options.model_fields_set.add("saliency")
+    return options.body()
 
 
 def generate_call(
@@ -113,10 +121,11 @@ def generate_call(
     seed: int | None = None,
     stop: list[str] | str | None = None,
     adapter: str | None = None,
-    analysis: dict[str, Any] | None = None,
-    saliency: str | dict[str, Any] | None = None,
+    analysis: AnalysisOptions | dict[str, Any] | None = None,
+    saliency: str | SaliencyOptions | dict[str, Any] | None = None,
     chat: bool | None = None,
 ) -> Call[Generation]:
+    SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
     body = _drop_none(
         {
             "prompt": prompt,
@@ -140,8 +149,8 @@ def analyze_call(
     *,
     messages: list[dict[str, Any]] | None = None,
     adapter: str | None = None,
-    analysis: dict[str, Any] | None = None,
-    saliency: str | dict[str, Any] | None = None,
+    analysis: AnalysisOptions | dict[str, Any] | None = None,
+    saliency: str | SaliencyOptions | dict[str, Any] | None = None,
     chat: bool | None = None,
 ) -> Call[Generation]:
     body = _drop_none(
@@ -162,10 +171,10 @@ def audit_call(
     *,
     messages: list[dict[str, Any]] | None = None,
     completion: str | None = None,
-    saliency: str | dict[str, Any] | None = "atman",
+    saliency: str | SaliencyOptions | dict[str, Any] | None = "atman",
     adapter: str | None = None,
     max_new_tokens: int = 256,
-    analysis: dict[str, Any] | None = None,
+    analysis: AnalysisOptions | dict[str, Any] | None = None,
 ) -> Call[AuditReport]:
     """``analyze`` of ``completion`` when given, else a greedy ``generate``; a plain ``prompt`` is a user
     message either way (the chat template is applied)."""
@@ -201,13 +210,19 @@ def audit_call(
 def chat_call(
     messages: list[dict[str, Any]],
     model: str | None = None,
-    analysis: dict[str, Any] | None = None,
+    analysis: AnalysisOptions | dict[str, Any] | None = None,
     stream: bool = False,
     **options: Any,
 ) -> Call[dict[str, Any]]:
     """An OpenAI chat completion; ``analysis`` goes in the ``faithlens`` extension field."""
     body = _drop_none(
-        {"messages": messages, "model": model, "faithlens": analysis, "stream": stream or None, **options}
+        {
+            "messages": messages,
+            "model": model,
+            "faithlens": _analysis(analysis, None),
+            "stream": stream or None,
+            **options,
+        }
     )
     return Call("POST", "/v1/chat/completions", body)
 
@@ -548,8 +563,8 @@ class Faithlens(_Base):
         seed: int | None = None,
         stop: list[str] | str | None = None,
         adapter: str | None = None,
-        analysis: dict[str, Any] | None = None,
-        saliency: str | dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
+        saliency: str | SaliencyOptions | dict[str, Any] | None = None,
         chat: bool | None = None,
     ) -> Generation:
         """Generate; with ``analysis`` (``{}`` for the defaults) or ``saliency``, annotated."""
@@ -576,8 +591,8 @@ class Faithlens(_Base):
         *,
         messages: list[dict[str, Any]] | None = None,
         adapter: str | None = None,
-        analysis: dict[str, Any] | None = None,
-        saliency: str | dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
+        saliency: str | SaliencyOptions | dict[str, Any] | None = None,
         chat: bool | None = None,
     ) -> Generation:
         """Annotate a completion you have."""
@@ -599,10 +614,10 @@ class Faithlens(_Base):
         *,
         messages: list[dict[str, Any]] | None = None,
         completion: str | None = None,
-        saliency: str | dict[str, Any] | None = "atman",
+        saliency: str | SaliencyOptions | dict[str, Any] | None = "atman",
         adapter: str | None = None,
         max_new_tokens: int = 256,
-        analysis: dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
     ) -> AuditReport:
         """Annotate a completion you have, or generate one (greedy) and annotate it."""
         return self._run(
@@ -627,7 +642,7 @@ class Faithlens(_Base):
         *,
         model: str | None = None,
         stream: bool = False,
-        analysis: dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
         **options: Any,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """OpenAI chat completion (a dict), or with ``stream=True`` an iterator of chunks; annotations come as
@@ -640,7 +655,7 @@ class Faithlens(_Base):
         messages: list[dict[str, Any]],
         *,
         model: str | None = None,
-        analysis: dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
         **options: Any,
     ) -> Iterator[dict[str, Any]]:
         """``chat(..., stream=True)``, typed as an iterator."""
@@ -737,8 +752,8 @@ class AsyncFaithlens(_Base):
         seed: int | None = None,
         stop: list[str] | str | None = None,
         adapter: str | None = None,
-        analysis: dict[str, Any] | None = None,
-        saliency: str | dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
+        saliency: str | SaliencyOptions | dict[str, Any] | None = None,
         chat: bool | None = None,
     ) -> Generation:
         """Generate; with ``analysis`` (``{}`` for the defaults) or ``saliency``, annotated."""
@@ -765,8 +780,8 @@ class AsyncFaithlens(_Base):
         *,
         messages: list[dict[str, Any]] | None = None,
         adapter: str | None = None,
-        analysis: dict[str, Any] | None = None,
-        saliency: str | dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
+        saliency: str | SaliencyOptions | dict[str, Any] | None = None,
         chat: bool | None = None,
     ) -> Generation:
         """Annotate a completion you have."""
@@ -788,10 +803,10 @@ class AsyncFaithlens(_Base):
         *,
         messages: list[dict[str, Any]] | None = None,
         completion: str | None = None,
-        saliency: str | dict[str, Any] | None = "atman",
+        saliency: str | SaliencyOptions | dict[str, Any] | None = "atman",
         adapter: str | None = None,
         max_new_tokens: int = 256,
-        analysis: dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
     ) -> AuditReport:
         """Annotate a completion you have, or generate one (greedy) and annotate it."""
         return await self._run(
@@ -816,7 +831,7 @@ class AsyncFaithlens(_Base):
         *,
         model: str | None = None,
         stream: bool = False,
-        analysis: dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
         **options: Any,
     ) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
         """OpenAI chat completion (a dict), or with ``stream=True`` an async iterator of chunks (``await`` the
@@ -830,7 +845,7 @@ class AsyncFaithlens(_Base):
         messages: list[dict[str, Any]],
         *,
         model: str | None = None,
-        analysis: dict[str, Any] | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
         **options: Any,
     ) -> AsyncIterator[dict[str, Any]]:
         """``chat(..., stream=True)`` without the ``await``: ``async for chunk in client.chat_stream(...)``."""
