@@ -20,6 +20,7 @@ from faithlens.model import LoadedModel, load_model
 from faithlens.registry import load_plugins
 from faithlens.settings import CoreSettings, get_core_settings
 from jobs.settings import QueueSettings, get_queue_settings
+from jobs.store import JobStore
 from service import hotload
 from service.adapters import AdapterRegistry
 from service.errors import install_error_handlers
@@ -28,7 +29,6 @@ from service.routes import admin, capabilities, jobs, native, openai, ops, ui
 from service.settings import ServiceSettings, get_service_settings
 from service.state import ServerState
 from service.telemetry import Telemetry
-from training.jobs import JobStore
 
 log = logging.getLogger("faithlens.service")
 

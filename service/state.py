@@ -16,12 +16,12 @@ from fastapi import Request
 from faithlens.engine import AnalysisSpec, EngineClient, EngineError, RequestOutput
 from faithlens.schema import Analysis
 from jobs.settings import QueueSettings
+from jobs.store import JobStore
 from service.adapters import AdapterRegistry
 from service.errors import APIError, from_engine
 from service.schemas import AnalysisOptions
 from service.settings import ServiceSettings
 from service.telemetry import Telemetry
-from training.jobs import JobStore
 
 
 @dataclass

@@ -18,9 +18,10 @@ from faithlens.answer import reference_answer
 from faithlens.data import Problem, load_gsm8k
 from faithlens.model import load_model
 from faithlens.settings import CoreSettings, get_core_settings
+from jobs.models import TERMINAL, Checkpoint, Job, JobError
 from jobs.settings import QueueSettings, get_queue_settings
+from jobs.store import JobStore
 from training.config import TrainConfig
-from training.jobs import TERMINAL, Checkpoint, Job, JobError, JobStore
 from training.trainer import Cancelled, Hooks, Trainer
 
 log = logging.getLogger("faithlens.worker")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.jobs import RUN_JOB_TASK
+from jobs.models import RUN_JOB_TASK
 from workers.app import app
 from workers.runner import LeaseBusy
 from workers.runner import run_job as run

@@ -14,6 +14,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from faithlens.params import NonEmpty
+from jobs.models import RUN_JOB_TASK, TERMINAL, Checkpoint, Job, JobEvent, Status, new_job_id
+from jobs.store import JobStore
 from service.auth import require
 from service.errors import APIError
 from service.openai_schemas import event_stream
@@ -21,16 +23,6 @@ from service.routes.native import ERRORS
 from service.schemas import AdapterName, ErrorResponse
 from service.state import ServerState, get_state
 from training.config import TrainConfig
-from training.jobs import (
-    RUN_JOB_TASK,
-    TERMINAL,
-    Checkpoint,
-    Job,
-    JobEvent,
-    JobStore,
-    Status,
-    new_job_id,
-)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 ADMIN = {403: {"model": ErrorResponse, "description": "The key lacks the `admin` scope."}}
