@@ -46,6 +46,12 @@ class CoreSettings(BaseSettings):
         default=None,
         description="The only directory adapters load from and jobs write to; unset: <cache_dir>/adapters.",
     )
+    max_lora_rank: int = Field(
+        default=64,
+        ge=1,
+        description="The largest LoRA rank an adapter may declare; a larger one is refused before any "
+        "memory is taken for it (400 adapter_rank_too_large).",
+    )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Emit one JSON object per log line.")
     torch_threads: int | None = Field(
