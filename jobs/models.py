@@ -5,6 +5,7 @@ them); :mod:`jobs.store` keeps them in Redis.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any, Literal
 
@@ -13,6 +14,29 @@ from pydantic import BaseModel, Field
 RUN_JOB_TASK = "faithlens.run_job"  # the Celery task name; the API sends by name, workers define it
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# The legal status changes. queued→queued and running→running are re-claims (a redelivered job starts a
+# new attempt); running→queued is a re-queue (its worker died). A terminal status is final.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"queued", "running", "cancelled", "failed"}),
+    "running": frozenset({"running", "queued", "succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """A status change :data:`TRANSITIONS` forbids, e.g. a finished job asked to start or finish again.
+    Nothing was written; ``current`` is the status the job keeps."""
+
+    def __init__(self, job_id: str, current: str, requested: str) -> None:
+        super().__init__(f"job {job_id} is {current}; it cannot become {requested}")
+        self.job_id, self.current, self.requested = job_id, current, requested
+
+
+def check_transition(job_id: str, current: str, requested: str) -> None:
+    if requested not in TRANSITIONS.get(current, frozenset()):
+        raise IllegalTransition(job_id, current, requested)
 
 
 class JobError(BaseModel):
@@ -37,6 +61,11 @@ class Job(BaseModel):
     result_version: int | None = None
     seed: int = 0
     metadata: dict[str, str] = Field(default_factory=dict)
+    owner: str | None = Field(
+        default=None,
+        description="Who created the job: a non-reversible id of its API key (the first 16 hex digits of "
+        "its SHA-256); null when the server runs without keys.",
+    )
     attempts: int = 0
     step: int = 0
 
@@ -60,3 +89,8 @@ class Checkpoint(BaseModel):
 
 def new_job_id() -> str:
     return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+def owner_id(api_key: str) -> str:
+    """The id a job stores for the key that created it: never the key itself."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]

@@ -1,41 +1,81 @@
 """The job store in Redis. The API writes jobs here and enqueues their ids; workers update them.
 
-Keys (prefix ``faithlens:``): ``job:<id>`` (JSON), ``jobs`` (sorted set by creation), ``job:<id>:events``
-and ``job:<id>:checkpoints`` (lists of JSON), ``job:<id>:data`` (uploaded rows, JSONL),
-``job:<id>:cancel`` (flag), ``job:<id>:lease`` (the worker running it, with a TTL heartbeat),
-``adapter:<name>:version`` (a counter: each job takes its output version once).
+Keys (prefix ``faithlens:``): ``job:<id>`` (JSON), ``jobs`` (sorted set by creation), ``jobs:owner:<owner>``
+(the same, per owner), ``job:<id>:events`` and ``job:<id>:checkpoints`` (lists of JSON), ``job:<id>:data``
+(uploaded rows, JSONL), ``job:<id>:cancel`` (flag), ``job:<id>:lease`` (the worker running it, with a TTL
+heartbeat), ``adapter:<name>:version`` (a counter: each job takes its output version once),
+``adapter:<name>:owner`` (who first trained into that adapter name).
+
+Every change to a job record is atomic (optimistic: WATCH the record, re-read it, write it in MULTI/EXEC,
+retry on a conflict) and its status may only move along :data:`jobs.models.TRANSITIONS`, so a cancel and
+a step update never overwrite each other and a finished job stays finished.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from jobs.models import Checkpoint, Job, JobEvent
+from jobs.models import TERMINAL, Checkpoint, IllegalTransition, Job, JobEvent, check_transition
+
+if TYPE_CHECKING:
+    from jobs.journal import Journal
 
 PREFIX = "faithlens:"
+MAX_ATTEMPTS = 1000  # optimistic retries of one update before giving up (only under pathological contention)
+
+# Lease release and renewal compare the holder and act in one step (a GET then a DEL could drop a lease
+# that expired and was taken by another worker in between).
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
+)
+_AT_LEAST = (
+    "local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+    "if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end return 0"
+)
+
+
+class StoreContention(RuntimeError):
+    """An update lost its optimistic race :data:`MAX_ATTEMPTS` times in a row."""
+
+
+Change = Callable[[Job], dict[str, Any]]
 
 
 class JobStore:
-    """Synchronous Redis access (workers use it directly; the API calls it from a thread)."""
+    """Synchronous Redis access (workers use it directly; the API calls it from a thread). With a
+    ``journal``, every job record written is also written to disk (:mod:`jobs.journal`)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, journal: Journal | None = None) -> None:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.journal = journal
 
     def _key(self, job_id: str, part: str = "") -> str:
         return f"{PREFIX}job:{job_id}" + (f":{part}" if part else "")
+
+    @staticmethod
+    def _owner_key(owner: str) -> str:
+        return f"{PREFIX}jobs:owner:{owner}"
 
     # -- jobs ------------------------------------------------------------------------------------------
     def create(self, job: Job, rows: list[dict] | None = None) -> Job:
         pipe = self.redis.pipeline()
         pipe.set(self._key(job.id), job.model_dump_json())
-        pipe.zadd(f"{PREFIX}jobs", {job.id: job.created_at + time.time() % 1})
+        score = job.created_at + time.time() % 1
+        pipe.zadd(f"{PREFIX}jobs", {job.id: score})
+        if job.owner is not None:
+            pipe.zadd(self._owner_key(job.owner), {job.id: score})
         if rows is not None:
             pipe.set(self._key(job.id, "data"), "\n".join(json.dumps(r) for r in rows))
         pipe.execute()
+        if self.journal is not None:
+            self.journal.write(job, rows)
         self.event(job.id, f"job created ({job.method.get('type')})")
         return job
 
@@ -43,27 +83,108 @@ class JobStore:
         raw = self.redis.get(self._key(job_id))
         return Job.model_validate_json(raw) if raw else None
 
-    def save(self, job: Job) -> None:
-        self.redis.set(self._key(job.id), job.model_dump_json())
-
     def update(self, job_id: str, **fields: Any) -> Job:
-        job = self.get(job_id)
-        if job is None:
-            raise KeyError(job_id)
-        job = job.model_copy(update=fields)
-        self.save(job)
-        return job
+        """Set ``fields`` atomically. A ``status`` must be a legal transition from the job's current one
+        (else :class:`IllegalTransition`, and nothing is written); KeyError for an unknown job."""
+        unknown = set(fields) - set(Job.model_fields)
+        if unknown:
+            raise TypeError(f"unknown job fields: {sorted(unknown)}")
 
-    def list(self, limit: int = 20, after: str | None = None) -> list[Job]:
-        ids = self.redis.zrevrange(f"{PREFIX}jobs", 0, -1)
-        if after is not None and after in ids:
-            ids = ids[ids.index(after) + 1 :]
-        jobs = [self.get(i) for i in ids[:limit]]
-        return [j for j in jobs if j is not None]
+        def change(job: Job) -> dict[str, Any]:
+            if "status" in fields:
+                check_transition(job.id, job.status, fields["status"])
+            return fields
+
+        return self._transact(job_id, change)
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask a job to stop, atomically: a queued job becomes ``cancelled`` at once; a running one gets
+        the cancel flag, which its worker honours within a bounded time. A finished job raises
+        :class:`IllegalTransition` (and is left alone)."""
+        flag = self._key(job_id, "cancel")
+
+        def change(job: Job) -> dict[str, Any]:
+            if job.status in TERMINAL:
+                raise IllegalTransition(job.id, job.status, "cancelled")
+            if job.status == "queued":
+                return {"status": "cancelled", "finished_at": int(time.time())}
+            return {}
+
+        return self._transact(job_id, change, also=lambda pipe: pipe.set(flag, "1"))
+
+    def _transact(
+        self, job_id: str, change: Change, also: Callable[[redis.client.Pipeline], object] | None = None
+    ) -> Job:
+        """Read the job, let ``change`` compute its new fields from it (or raise), and write them (plus
+        whatever ``also`` queues) in one MULTI/EXEC that fails if anyone wrote the job in between; then
+        try again from the fresh record."""
+        key = self._key(job_id)
+        with self.redis.pipeline() as pipe:
+            for _ in range(MAX_ATTEMPTS):
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise KeyError(job_id)
+                    job = Job.model_validate_json(raw)
+                    fields = change(job)
+                    updated = Job.model_validate({**job.model_dump(), **fields}) if fields else job
+                    pipe.multi()
+                    if fields:
+                        pipe.set(key, updated.model_dump_json())
+                    if also is not None:
+                        also(pipe)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    time.sleep(random.uniform(0, 0.002))
+                finally:
+                    pipe.reset()
+            else:
+                raise StoreContention(f"job {job_id}: {MAX_ATTEMPTS} conflicting writes in a row")
+        if fields and self.journal is not None:
+            self.journal.write(updated)
+        return updated
+
+    def list(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[Job]:
+        """Newest first, from the one after ``after`` (an unknown ``after`` starts at the newest).
+        ``owner`` given: only that owner's jobs."""
+        key = f"{PREFIX}jobs" if owner is None else self._owner_key(owner)
+        start = 0
+        if after is not None:
+            rank = self.redis.zrevrank(key, after)
+            if rank is not None:
+                start = rank + 1
+        ids = self.redis.zrevrange(key, start, start + limit - 1)
+        raws = self.redis.mget([self._key(i) for i in ids]) if ids else []
+        return [Job.model_validate_json(raw) for raw in raws if raw]
+
+    def all_ids(self) -> list[str]:
+        return self.redis.zrange(f"{PREFIX}jobs", 0, -1)
 
     def rows(self, job_id: str) -> list[dict] | None:
         raw = self.redis.get(self._key(job_id, "data"))
         return None if raw is None else [json.loads(line) for line in raw.splitlines() if line]
+
+    def restore(
+        self, job: Job, rows: list[dict] | None, checkpoints: list[Checkpoint], min_version: int = 0
+    ) -> None:
+        """Write a job back as it was (the reaper, after Redis lost its data): its record, rows and
+        checkpoints; the adapter's version counter is put at ``min_version`` at least."""
+        pipe = self.redis.pipeline()
+        pipe.set(self._key(job.id), job.model_dump_json())
+        pipe.zadd(f"{PREFIX}jobs", {job.id: job.created_at})
+        if job.owner is not None:
+            pipe.zadd(self._owner_key(job.owner), {job.id: job.created_at})
+        if rows is not None:
+            pipe.set(self._key(job.id, "data"), "\n".join(json.dumps(r) for r in rows))
+        pipe.delete(self._key(job.id, "checkpoints"))
+        for checkpoint in checkpoints:
+            pipe.rpush(self._key(job.id, "checkpoints"), checkpoint.model_dump_json())
+        pipe.eval(_AT_LEAST, 1, f"{PREFIX}adapter:{job.adapter_name}:version", min_version)
+        pipe.execute()
+        if self.journal is not None:
+            self.journal.write(job)
 
     # -- events and checkpoints ---------------------------------------------------------------------------
     def event(
@@ -88,6 +209,7 @@ class JobStore:
 
     # -- control ------------------------------------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
+        """Only the flag; :meth:`cancel` is what the API calls."""
         self.redis.set(self._key(job_id, "cancel"), "1")
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -98,15 +220,24 @@ class JobStore:
         return bool(self.redis.set(self._key(job_id, "lease"), owner, nx=True, ex=ttl_s))
 
     def renew_lease(self, job_id: str, owner: str, ttl_s: int) -> bool:
-        key = self._key(job_id, "lease")
-        if self.redis.get(key) != owner:
-            return False
-        return bool(self.redis.expire(key, ttl_s))
+        return bool(self.redis.eval(_RENEW, 1, self._key(job_id, "lease"), owner, ttl_s))
 
     def release_lease(self, job_id: str, owner: str) -> None:
-        key = self._key(job_id, "lease")
-        if self.redis.get(key) == owner:
-            self.redis.delete(key)
+        self.redis.eval(_RELEASE, 1, self._key(job_id, "lease"), owner)
+
+    def lease_holder(self, job_id: str) -> str | None:
+        return self.redis.get(self._key(job_id, "lease"))
 
     def next_adapter_version(self, name: str) -> int:
         return int(self.redis.incr(f"{PREFIX}adapter:{name}:version"))
+
+    def adapter_owner(self, name: str) -> str | None:
+        return self.redis.get(f"{PREFIX}adapter:{name}:owner")
+
+    def claim_adapter(self, name: str, claimant: str) -> str:
+        """Record ``claimant`` as the owner of adapter ``name`` unless someone already is; returns the
+        owner (``claimant`` if this call made the claim)."""
+        key = f"{PREFIX}adapter:{name}:owner"
+        if self.redis.set(key, claimant, nx=True):
+            return claimant
+        return self.redis.get(key) or claimant

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from jobs.models import RUN_JOB_TASK
+import logging
+
+from jobs.models import RUN_JOB_TASK, IllegalTransition
 from workers.app import app
 from workers.runner import LeaseBusy
 from workers.runner import run_job as run
+
+log = logging.getLogger("faithlens.worker")
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -15,3 +19,8 @@ def run_job(self, job_id: str) -> str:
     except LeaseBusy as busy:
         # another live worker holds the job: come back when its lease would have expired, never drop it
         raise self.retry(countdown=busy.retry_in) from None
+    except IllegalTransition as exc:
+        # the job reached a final status elsewhere meanwhile (cancelled while it was being picked up, or
+        # finished by another attempt): that status stands, and this message is done
+        log.info("job already final", extra={"job": job_id, "status": exc.current, "wanted": exc.requested})
+        return exc.current
