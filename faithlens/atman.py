@@ -323,15 +323,18 @@ def _mask(x: SaliencyInput) -> Saliency:
     scores = torch.full((len(x.input_ids),), math.nan)
     scores[cot] = result.scores
     extra = {"r_faith": result.r_faith, "nll_initial": result.nll_initial, "nll_final": result.nll_final}
-    base = -result.nll_initial * len(x.target)  # the mask's loss is a mean over the target; report Σ
+    # The mask's loss is a mean over the target under the initial mask; what every method reports is
+    # Σ log p(target) of the unperturbed sequence: one more pass, with no bias rows.
+    _, base = target_logprobs(x.lm, x.input_ids, x.target, torch.zeros(0, len(x.input_ids)))
     return Saliency("atman_rl", scores, x.target, [[c] for c in cot], base, extra)
 
 
 def _mask_cost(x: CostInput) -> float:
-    """A prefix pass, then ``rl_steps + 2`` forward+backward passes over the part after the prompt."""
+    """The unperturbed pass and the prefix pass, then ``rl_steps + 2`` forward+backward passes over the
+    part after the prompt."""
     n = len(x.texts)
     cot = max(n - x.prompt_len, 1)
-    return cost.forward(n, n) + (x.params.rl_steps + 2) * cost.BACKWARD_FACTOR * cost.forward(cot, n)
+    return 2 * cost.forward(n, n) + (x.params.rl_steps + 2) * cost.BACKWARD_FACTOR * cost.forward(cot, n)
 
 
 _GROUPS = ("factor", "conceptual_threshold", "granularity")  # what the two AtMan forms read

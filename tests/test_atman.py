@@ -239,3 +239,14 @@ def test_analysis_carries_saliency_and_the_faithfulness_summary(tiny_llama):
     top3 = sorted((t for t in analysis.tokens if t.index < min(target)), key=lambda t: -t.saliency)[:3]
     assert cf.top_k_positions == sorted(t.index for t in top3)
     assert analysis.timings["saliency"] > 0
+
+
+def test_target_logprob_is_the_same_sum_for_every_method(tiny_llama):
+    """``target_logprob`` (Saliency.base_logprob) is Σ log p(target) of the unperturbed sequence, whatever
+    the method: atman_rl's loss is a mean over the target, but what it reports is the sum."""
+    ids = _ids(40, 7)
+    target = [36, 37, 38, 39]
+    expected = naive_target_logprob(tiny_llama, ids, target, None)
+    for method in ("atman", "atman_grad", "atman_rl"):
+        got = compute_saliency(tiny_llama, ids, 10, SaliencyParams(method=method, target=target, rl_steps=1))
+        assert math.isclose(got.base_logprob, expected, abs_tol=1e-3), (method, got.base_logprob, expected)
