@@ -312,3 +312,120 @@ def test_kl_to_the_base_and_every_loss_type_train(loss_type):
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert all(m["kl"] >= 0 and math.isfinite(m["loss"]) for m in history)
     assert history[-1]["kl"] > 0
+
+
+def moving_config(**overrides) -> TrainConfig:
+    """A step where the policy moves a lot: a reward that varies within groups and a large learning rate."""
+    lm_top = int(first_token_probs(peaky_tiny()).argmax())
+    return TrainConfig(
+        **{
+            "num_generations": 4,
+            "prompts_per_step": 2,
+            "max_new_tokens": 6,
+            "max_steps": 1,
+            "learning_rate": 5e-2,
+            "rewards": [f"starts_with:{lm_top}"],
+            "seed": 1,
+            **overrides,
+        }
+    )
+
+
+def test_mu_above_one_ratios_are_against_the_sampling_policy():
+    """μ = 2: the old log-probs are the sampling policy's, taken once before the first update and held.
+    The first pass sees ratio 1 (nothing clipped even at ε = 1e-4); after one update the ratio moves and
+    the second pass clips. (Taking ``old`` from each pass's own log-probs would make it 1 forever.)"""
+    config = moving_config(num_iterations=2, epsilon=1e-4)
+    trainer = Trainer(peaky_tiny(), config, PROBLEMS)
+    rollouts = trainer._rollouts(0)
+    assert len({r.reward for r in rollouts}) > 1  # non-zero advantages: the update moves the policy
+    tokens = sum(len(r.completion_ids) for r in rollouts)
+    normaliser = Normaliser(config.loss_type, len(rollouts), tokens, config.max_new_tokens)
+    old = trainer._old_logprobs(rollouts)
+    assert old is not None and not old.requires_grad
+    held = old.clone()
+    first, stats = trainer._loss(rollouts, normaliser, old)
+    assert stats["clip_fraction"] == 0
+    first.backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    _, stats = trainer._loss(rollouts, normaliser, old)
+    assert stats["clip_fraction"] > 0.5 * tokens
+    assert torch.equal(old, held)  # held fixed across the iterations
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_clip_fraction_reports_the_moved_policy_only_for_mu_above_one(mu):
+    metrics = Trainer(peaky_tiny(), moving_config(num_iterations=mu, epsilon=0.01), PROBLEMS).train_step()
+    assert metrics["reward_std"] > 0
+    if mu == 1:
+        assert metrics["clip_fraction"] == 0  # μ = 1: ratio 1, the policy has not moved when it is taken
+    else:
+        assert 0 < metrics["clip_fraction"] <= 0.5  # only the second of the two passes can clip
+
+
+def test_train_config_is_typed_and_bounded():
+    """The one configuration the API validates with and the trainer reads: bad types, out-of-bound values,
+    unknown rewards, credit strategies and names are refused, naming the field."""
+    from pydantic import ValidationError
+
+    for bad, field in [
+        ({"learning_rate": "abc"}, "learning_rate"),
+        ({"lora_r": 1e8}, "lora_r"),
+        ({"num_generations": 100000}, "num_generations"),
+        ({"num_generations": 1}, "num_generations"),
+        ({"rewards": ["nope"]}, "rewards"),
+        ({"credit": "everything"}, "credit"),
+        ({"learning_rat": 1e-3}, "learning_rat"),
+        ({"beta": float("nan")}, "beta"),
+    ]:
+        with pytest.raises(ValidationError) as caught:
+            TrainConfig(**bad)
+        assert caught.value.errors()[0]["loc"][0] == field
+    config = TrainConfig(method="atmanrl", learning_rate="2e-3")
+    assert config.learning_rate == 2e-3 and config.scale_rewards is False
+    assert TrainConfig(**config.as_dict()) == config  # what a job stores is what the worker trains with
+
+
+def hyperparameter_rows() -> list[str]:
+    """docs/api.md's hyperparameter table, as training/config.py declares it."""
+    import json
+    import typing
+
+    import annotated_types as at
+
+    from training.config import TrainHyperparameters
+
+    def bounds(field) -> str:
+        parts = []
+        for m in field.metadata:
+            for kind, attr, sign in (
+                (at.Ge, "ge", "≥"),
+                (at.Gt, "gt", ">"),
+                (at.Le, "le", "≤"),
+                (at.Lt, "lt", "<"),
+            ):
+                if isinstance(m, kind):
+                    parts.append(f"{sign} {getattr(m, attr):,}".replace(",", " "))
+            if isinstance(m, at.MinLen):
+                parts.append(f"≥ {m.min_length} items")
+            if isinstance(m, at.MaxLen):
+                parts.append(f"≤ {m.max_length} items")
+        if typing.get_origin(field.annotation) is typing.Literal:
+            parts.append(" \\| ".join(f"`{a}`" for a in typing.get_args(field.annotation)))
+        return ", ".join(parts)
+
+    return [
+        f"| `{name}` | `{json.dumps(field.get_default(call_default_factory=True))}` | {bounds(field)} "
+        f"| {field.description} |"
+        for name, field in TrainHyperparameters.model_fields.items()
+    ]
+
+
+def test_the_documented_hyperparameters_are_the_configs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    block = text.split("<!-- hyperparameters:", 1)[1].split("<!-- /hyperparameters -->", 1)[0]
+    documented = [line for line in block.splitlines() if line.startswith("| `")]
+    assert documented == hyperparameter_rows()

@@ -1,81 +1,148 @@
-"""Training configuration: one small dataclass, TRL's GRPOConfig names where TRL has the knob."""
+"""Training configuration: one pydantic model, TRL's GRPOConfig names where TRL has the knob.
+
+This is the one declaration of every hyperparameter's name, type, default and bounds. The trainer reads
+it; the jobs API validates a job's ``method`` with it (``service.routes.jobs.JobMethod`` is
+:class:`TrainHyperparameters` plus ``type``), so a bad value is a 400 naming the field before any worker
+sees it. The upper bounds keep one job runnable on one machine (and one worker responsive): see
+docs/api.md, "Fine-tuning jobs".
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from training import rewards as reward_lib
 from training.credit import CREDIT_STRATEGIES
 
 Method = Literal["grpo", "atmanrl"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
 
+MAX_ROLLOUTS_PER_BATCH = 256  # prompts_per_step × num_generations: sequences decoded (and held) together
 
-@dataclass
-class TrainConfig:
-    method: Method = "grpo"
+
+def _known_credit(name: str) -> str:
+    CREDIT_STRATEGIES.get(name)  # raises ValueError naming the registered strategies
+    return name
+
+
+RewardName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(reward_lib.check)]
+CreditName = Annotated[str, AfterValidator(_known_credit)]
+ModuleName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+
+
+def _finite(**bounds: Any) -> Any:
+    return Field(allow_inf_nan=False, **bounds)
+
+
+class TrainHyperparameters(BaseModel):
+    """Every knob of a run except which method and which seed (a job gives those as ``method.type`` and
+    ``seed``). Unknown names are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
     # sampling (TRL: num_generations, max_completion_length, temperature, top_p)
-    num_generations: int = 4
-    prompts_per_step: int = 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
+    num_generations: int = Field(
+        default=4,
+        ge=2,
+        le=64,
+        description="Completions per prompt (G); advantages are relative to the group.",
+    )
+    prompts_per_step: int = Field(default=2, ge=1, le=64, description="Prompts per micro-batch.")
+    max_new_tokens: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Tokens per completion; the API also holds it to the server's FAITHLENS_MAX_NEW_TOKENS.",
+    )
+    temperature: float = _finite(default=1.0, gt=0, le=2, description="Sampling temperature of rollouts.")
+    top_p: float = _finite(default=1.0, gt=0, le=1, description="Nucleus sampling mass of rollouts.")
     # optimisation
-    max_steps: int = 10
-    learning_rate: float = 1e-4
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
+    max_steps: int = Field(default=10, ge=1, le=100_000, description="Optimiser steps of the run.")
+    learning_rate: float = _finite(default=1e-4, gt=0, le=1, description="AdamW learning rate.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=64, description="Micro-batches (each freshly sampled) per optimiser step."
+    )
+    max_grad_norm: float = _finite(default=1.0, gt=0, le=1000, description="Gradient clipping norm.")
+    weight_decay: float = _finite(default=0.0, ge=0, le=1, description="AdamW weight decay.")
     # the objective (TRL's definitions)
-    loss_type: LossType = "dapo"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None: symmetric clipping
-    beta: float = 0.0  # KL to the base model (adapter disabled); 0 skips the reference pass
-    num_iterations: int = 1  # μ: optimisation passes per generation batch
-    scale_rewards: bool = True  # divide group-centred rewards by the group std (GRPO); AtManRL never does
+    loss_type: LossType = Field(default="dapo", description="The loss normaliser (training/loss.py).")
+    epsilon: float = _finite(default=0.2, gt=0, le=1, description="Clipping range of the ratio: 1 ± ε.")
+    epsilon_high: float | None = _finite(
+        default=None, gt=0, le=10, description="Upper clipping range (DAPO's clip-higher); null: ε."
+    )
+    beta: float = _finite(
+        default=0.0, ge=0, le=10, description="KL to the base model (adapter disabled); 0 skips that pass."
+    )
+    num_iterations: int = Field(
+        default=1, ge=1, le=16, description="μ: optimisation passes per generation batch."
+    )
+    scale_rewards: bool = Field(
+        default=True,
+        description="Divide group-centred rewards by the group std (GRPO); AtManRL never does.",
+    )
     # rewards
-    rewards: list[str] = field(default_factory=lambda: ["gsm8k"])
-    reward_weights: list[float] | None = None
+    rewards: list[RewardName] = Field(
+        default_factory=lambda: ["gsm8k"],
+        min_length=1,
+        max_length=8,
+        description="Reward names (training/rewards.py): `gsm8k`, `format`, `starts_with:<token id>` (a toy).",
+    )
+    reward_weights: list[Annotated[float, _finite(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=8, description="One weight per reward, each in [-100, 100]; null: all 1."
+    )
     # credit assignment (spec §6)
-    credit: str = "none"  # a registered credit strategy (training.credit.CREDIT_STRATEGIES)
-    gamma_amp: float = 1.5
-    alpha: float = 0.5
-    q: float = 0.4
-    credit_sign: Literal["both", "positive"] = "both"
+    credit: CreditName = Field(
+        default="none", description="A registered credit strategy (`GET /v1/capabilities` lists them)."
+    )
+    gamma_amp: float = _finite(default=1.5, ge=0, le=10, description="γ amplification (spec §6).")
+    alpha: float = _finite(default=0.5, ge=0, le=1, description="Intro share of a dominated anchor's boost.")
+    q: float = _finite(default=0.4, gt=0, le=1, description="Top-q share for the flags (spec §5).")
+    credit_sign: Literal["both", "positive"] = Field(
+        default="both", description="Shape advantages of both signs, or only non-negative ones."
+    )
     # AtManRL (spec §8)
-    faith_lambda: float = 1.0
-    mask_steps: int = 20
+    faith_lambda: float = _finite(default=1.0, ge=0, le=100, description="λ of R_outcome + λ·R_faith.")
+    mask_steps: int = Field(default=20, ge=1, le=1000, description="Optimiser steps of the AtManRL mask.")
     # LoRA
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_r: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, ge=1, le=4096, description="LoRA alpha.")
+    lora_dropout: float = _finite(default=0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[ModuleName] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        max_length=32,
+        description="Module names LoRA wraps.",
+    )
     # bookkeeping
-    checkpoint_every: int = 5
-    seed: int = 0
-    chat: bool = True  # wrap questions in the chat template
+    checkpoint_every: int = Field(default=5, ge=1, le=100_000, description="Steps between checkpoints.")
+    chat: bool = Field(default=True, description="Wrap questions in the chat template.")
 
-    def __post_init__(self) -> None:
-        CREDIT_STRATEGIES.get(self.credit)  # raises ValueError naming the registered strategies
-        if self.num_generations < 2:
-            raise ValueError("num_generations must be ≥ 2 (advantages are relative to the group)")
-        positive = (
-            "prompts_per_step",
-            "max_new_tokens",
-            "max_steps",
-            "gradient_accumulation_steps",
-            "num_iterations",
-            "checkpoint_every",
-            "mask_steps",
-            "lora_r",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1")
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainHyperparameters:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ValueError("reward_weights needs one weight per reward")
+        rollouts = self.prompts_per_step * self.num_generations
+        if rollouts > MAX_ROLLOUTS_PER_BATCH:
+            raise ValueError(
+                f"prompts_per_step × num_generations is {rollouts}; at most {MAX_ROLLOUTS_PER_BATCH} "
+                "sequences are decoded together"
+            )
+        return self
+
+
+class TrainConfig(TrainHyperparameters):
+    """A whole run's configuration: the hyperparameters, the method and the seed."""
+
+    method: Method = "grpo"
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> TrainConfig:
         if self.method == "atmanrl":
             self.scale_rewards = False  # mean-centred advantages, without the std (spec §8)
+        return self
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()

@@ -40,13 +40,29 @@ def starts_with(token_id: int) -> RewardFn:
     return lambda s: 1.0 if s.completion_ids[:1] == [token_id] else 0.0
 
 
+# The reward names a job may give (``rewards``), with what each pays; ``starts_with:<id>`` is a toy for tests.
+REWARDS = {
+    "gsm8k": "1 when the answer's number equals the reference after ####, else 0.",
+    "format": "1 when the response ends with a `#### <answer>` line, else 0.",
+    "starts_with:<token id>": "1 when the first completion token is that id (a toy for learning tests).",
+}
+MAX_TOKEN_ID = 10**7  # starts_with's id: far beyond any vocabulary, short of a number that means nothing
+
+
 def build(spec: str) -> RewardFn:
-    """``gsm8k``, ``format``, or ``starts_with:<token id>`` (a toy reward for learning tests)."""
+    """``gsm8k``, ``format``, or ``starts_with:<token id>`` (a toy reward for learning tests). An unknown
+    name raises ValueError naming the known ones."""
     if spec == "gsm8k":
         return correctness
     if spec == "format":
         return format_reward
     name, _, arg = spec.partition(":")
-    if name == "starts_with" and arg.isdigit():
+    if name == "starts_with" and arg.isascii() and arg.isdigit() and int(arg) <= MAX_TOKEN_ID:
         return starts_with(int(arg))
-    raise ValueError(f"unknown reward {spec!r}; expected gsm8k, format or starts_with:<id>")
+    raise ValueError(f"unknown reward {spec!r}; expected one of {', '.join(REWARDS)}")
+
+
+def check(spec: str) -> str:
+    """``spec`` if :func:`build` knows it, else ValueError (for validating a config before a run)."""
+    build(spec)
+    return spec

@@ -2,12 +2,22 @@
 
 One step: take ``prompts_per_step`` problems (a seeded order), sample G completions each from the current
 policy (continuous batching, a seeded RNG per completion), score rewards, form group advantages, shape them
-per token with γ (spec §6), then take one optimiser step on the clipped surrogate. γ's metrics are read
-off the loss's own forward pass (a detached probe on the probed layers' query and key): that pass runs the
-current policy, adapter active, before any update, so it is the spec's scoring pass without paying for a
-second forward. With LoRA dropout on, a separate no-grad pass in eval mode reads them instead. Everything
-random derives from (seed, step), so a run resumed from a checkpoint continues exactly as an uninterrupted
-one.
+per token with γ (spec §6), then take ``num_iterations`` (μ) optimiser steps on the clipped surrogate.
+γ's metrics are read off the loss's own forward pass (a detached probe on the probed layers' query and
+key): that pass runs the current policy, adapter active, before any update, so it is the spec's scoring
+pass without paying for a second forward. With LoRA dropout on, a separate no-grad pass in eval mode reads
+them instead. Everything random derives from (seed, step), so a run resumed from a checkpoint continues
+exactly as an uninterrupted one.
+
+The ratio's old log-probs are the sampling policy's. With μ = 1 the policy has not moved when the loss is
+taken, so they are the loss pass's own, detached (ratio 1), as TRL does. With μ > 1 they are computed
+once per generation batch, in a no-grad pass before the first update (which also reads γ's metrics), and
+held fixed across the μ iterations, like TRL's ``old_per_token_logps``: from the second iteration on the
+ratio measures how far the policy moved and clipping acts.
+
+A cancel (``Hooks.should_cancel``) is honoured within a step too: sampling checks it between decode steps,
+scoring between rollouts, the optimisation between micro-batches and iterations, each at most every
+``CANCEL_POLL_S`` seconds, so a large step cannot hold a cancelled job (and its worker).
 """
 
 from __future__ import annotations
@@ -36,10 +46,11 @@ from training.loss import Normaliser, clipped_surrogate
 
 log = logging.getLogger("faithlens.training")
 ADAPTER = "default"
+CANCEL_POLL_S = 0.2  # within a step, ask should_cancel at most this often (it may be a Redis round trip)
 
 
 class Cancelled(Exception):
-    """Raised between steps when the job was cancelled."""
+    """Raised when the job was cancelled: between steps, or within one (see the module's docstring)."""
 
 
 @dataclass
@@ -99,6 +110,7 @@ class Trainer:
         order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(config.seed))
         self.order = order.tolist()
         self.step = 0  # steps completed
+        self._cancel_polled = float("-inf")  # when should_cancel was last asked within a step
         self._credit_seconds = 0.0  # this step's time spent on γ: probing, metrics, flags
         self._prompt_cache: dict[int, list[int]] = {}
 
@@ -117,6 +129,16 @@ class Trainer:
                 self.hooks.on_checkpoint(self.step, path, metrics)
         return metrics
 
+    def _check_cancel(self) -> None:
+        """Within a step: raise :class:`Cancelled` if the job was cancelled (asked at most every
+        ``CANCEL_POLL_S``)."""
+        now = time.monotonic()
+        if now - self._cancel_polled < CANCEL_POLL_S:
+            return
+        self._cancel_polled = now
+        if self.hooks.should_cancel():
+            raise Cancelled()
+
     def train_step(self) -> dict:
         started = time.perf_counter()
         self._credit_seconds = 0.0
@@ -129,11 +151,16 @@ class Trainer:
             sum(len(r.completion_ids) for r in rollouts),
             config.max_new_tokens,
         )
+        # μ > 1: the sampling policy's log-probs, taken before the first update and held for all μ passes
+        olds: list[torch.Tensor | None] = [None] * len(micro_batches)
+        if config.num_iterations > 1:
+            olds = [self._old_logprobs(batch) for batch in micro_batches]
         loss_total, kl_sum, clipped = 0.0, 0.0, 0.0
         for _ in range(config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for batch in micro_batches:
-                loss, stats = self._loss(batch, normaliser)
+            for batch, old in zip(micro_batches, olds, strict=True):
+                self._check_cancel()
+                loss, stats = self._loss(batch, normaliser, old)
                 if loss is not None:
                     loss.backward()
                     loss_total += float(loss.detach())
@@ -195,8 +222,10 @@ class Trainer:
                 )
                 seq = SequenceState(prompt, params, adapter=ADAPTER)
                 seqs.append((problem, seq))
+                self._check_cancel()
                 batch.add(seq)
         while len(batch):
+            self._check_cancel()
             batch.step()
         return [Rollout(problem, seq.prompt_ids, seq.token_ids, seq.text) for problem, seq in seqs]
 
@@ -204,6 +233,7 @@ class Trainer:
         config = self.config
         rollouts = self._sample(self._problems_for(micro), micro)
         for r in rollouts:
+            self._check_cancel()
             sample = reward_lib.Sample(r.prompt_ids, r.completion_ids, r.text, r.problem.answer)
             r.correct = reward_lib.correctness(sample) == 1.0
             r.reward = sum(w * fn(sample) for w, fn in zip(self.reward_weights, self.reward_fns, strict=True))
@@ -314,7 +344,26 @@ class Trainer:
             mask[i, :n] = 1
         return logp, mask
 
-    def _loss(self, rollouts: list[Rollout], normaliser: Normaliser) -> tuple[torch.Tensor | None, dict]:
+    @torch.no_grad()
+    def _old_logprobs(self, rollouts: list[Rollout]) -> torch.Tensor | None:
+        """The sampling policy's log-probs of the completions, (B, T) as :meth:`_token_logprobs`: the
+        current weights, before any update of this step, in eval mode (as the rollouts were sampled). The
+        pass also reads γ's metrics, so the loss passes need no probe."""
+        self._check_cancel()
+        if not any(r.completion_ids for r in rollouts):
+            return None
+        self.lm.model.eval()
+        probe = self._gamma_probe(rollouts)
+        logp, _ = self._token_logprobs(rollouts, probe)
+        if probe is not None:
+            self._set_gammas(rollouts, probe)
+        return logp
+
+    def _loss(
+        self, rollouts: list[Rollout], normaliser: Normaliser, old: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, dict]:
+        """The micro-batch's loss. ``old``: the sampling policy's log-probs (μ > 1); None means the
+        policy has not moved since sampling (μ = 1), so this pass's own log-probs, detached, are."""
         if not any(r.completion_ids for r in rollouts):
             return None, {"kl_sum": 0.0, "clip_fraction": 0.0}
         config = self.config
@@ -337,7 +386,8 @@ class Trainer:
         if config.beta:
             with torch.no_grad(), self.lm.model.disable_adapter():
                 ref, _ = self._token_logprobs(rollouts)
-        old = logp.detach()  # μ = 1: the sampling policy is the current one
+        if old is None:
+            old = logp.detach()  # μ = 1: the sampling policy is the current one (ratio 1)
         return clipped_surrogate(
             logp,
             old,
