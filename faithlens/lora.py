@@ -1,59 +1,56 @@
 """LoRA adapters on a loaded model (peft): attach, detach, and pick which one a pass runs with.
 
 Adapters are attached under opaque internal names (peft module keys cannot hold dots or slashes);
-callers map their public names and versions onto them.
+callers map their public names and versions onto them. An adapter is data: :mod:`faithlens.adapter_check`
+checks it against the base model before peft sees it, and peft gets only the checked config fields and
+the checked tensors (never the directory to read as it likes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from faithlens import adapter_check
+from faithlens.engine.errors import AdapterInvalidKeys, AdapterRefused
 from faithlens.model import LoadedModel
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-class AdapterFormatError(ValueError):
-    """The directory is not a safetensors LoRA adapter this model can take."""
-
-
-def check_adapter_dir(path: Path) -> dict:
-    """Refuse anything but a peft LoRA adapter stored as safetensors (pickled .bin weights run code)."""
-    if not path.is_dir():
-        raise AdapterFormatError(f"{path} is not a directory")
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        raise AdapterFormatError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters load)")
-    try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{path}/{ADAPTER_CONFIG} is missing or not JSON") from exc
-    if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"{path} holds a {config.get('peft_type')!r} adapter; only LORA is served")
-    return config
 
 
 def has_adapters(lm: LoadedModel) -> bool:
     return hasattr(lm.model, "peft_config")
 
 
-def attach(lm: LoadedModel, path: Path, internal_name: str) -> None:
-    """Load the adapter at ``path`` next to any others; the first one wraps the model in peft."""
-    from peft import PeftModel
+def attach(lm: LoadedModel, path: Path, internal_name: str, max_rank: int | None = None) -> None:
+    """Check the adapter at ``path`` against this model, then load it next to any others (the first one
+    wraps the model in peft). Raises an :class:`~faithlens.engine.errors.AdapterRefused` (the model
+    untouched) when the adapter is not one this model takes. ``max_rank``: FAITHLENS_MAX_LORA_RANK."""
+    from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
-    check_adapter_dir(path)
+    if max_rank is None:
+        from faithlens.settings import get_core_settings
+
+        max_rank = get_core_settings().max_lora_rank
+    checked = adapter_check.check_adapter(path, adapter_check.BaseProfile(lm), max_rank)
+    weights = checked.tensors()
+    config = LoraConfig(**checked.config)
+    config.inference_mode = True
     try:
         if has_adapters(lm):
-            lm.model.load_adapter(str(path), adapter_name=internal_name, is_trainable=False)
+            lm.model.add_adapter(internal_name, config)
         else:
-            lm.model = PeftModel.from_pretrained(lm.model, str(path), adapter_name=internal_name)
-    except (RuntimeError, ValueError, KeyError) as exc:
+            wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+            lm.model = wrapper(lm.model, config, internal_name)
+        loaded = set_peft_model_state_dict(lm.model, weights, adapter_name=internal_name)
+        if loaded.unexpected_keys:  # the checks make this unreachable; never leave such an adapter on
+            raise AdapterInvalidKeys(f"peft did not place {loaded.unexpected_keys[0][:120]!r}")
+    except Exception as exc:
         with contextlib.suppress(Exception):
             detach(lm, internal_name)
-        raise AdapterFormatError(f"adapter at {path} does not fit this model: {exc}") from exc
+        if isinstance(exc, AdapterRefused):
+            raise
+        raise AdapterRefused(f"the adapter does not fit this model: {str(exc)[:300]}") from exc
     lm.model.eval()
 
 

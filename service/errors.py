@@ -7,6 +7,12 @@
 | 400 | analysis_too_costly | the analysis' cost estimate exceeds FAITHLENS_MAX_ANALYSIS_COST; the message says what fits |
 | 400 | adapter_path_invalid | the path is outside the adapter store |
 | 400 | adapter_invalid | not a safetensors LoRA adapter, or it does not fit the base model |
+| 400 | adapter_invalid_keys | the weights hold something other than LoRA A/B matrices of the base model's linear modules, or lack one |
+| 400 | adapter_shape_mismatch | a LoRA matrix does not fit its module's in/out features or the declared rank |
+| 400 | adapter_rank_too_large | the declared rank is over FAITHLENS_MAX_LORA_RANK |
+| 400 | adapter_config_refused | adapter_config.json sets a field outside the allow-list (layer_replication, modules_to_save, DoRA, ...) |
+| 400 | adapter_base_mismatch | the adapter was trained on another base model |
+| 400 | adapter_name_reserved | the adapter name is the base model's served name |
 | 400 | unsupported | a valid OpenAI option we do not implement (e.g. n > 1) |
 | 401 | invalid_api_key | missing or unknown API key |
 | 403 | insufficient_scope | the key lacks the `admin` scope |
@@ -31,6 +37,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faithlens import engine
+from faithlens.engine.errors import (
+    AdapterBaseMismatch,
+    AdapterConfigRefused,
+    AdapterInvalidKeys,
+    AdapterRankTooLarge,
+    AdapterRefused,
+    AdapterShapeMismatch,
+)
 
 log = logging.getLogger("faithlens.service")
 
@@ -71,6 +85,12 @@ def model_not_found(name: str, param: str = "model") -> APIError:
 _ENGINE_ERRORS: list[tuple[type[engine.EngineError], int, str]] = [
     (engine.AnalysisTooCostly, 400, "analysis_too_costly"),
     (engine.ContextLengthExceeded, 400, "context_length_exceeded"),
+    (AdapterInvalidKeys, 400, "adapter_invalid_keys"),
+    (AdapterShapeMismatch, 400, "adapter_shape_mismatch"),
+    (AdapterRankTooLarge, 400, "adapter_rank_too_large"),
+    (AdapterConfigRefused, 400, "adapter_config_refused"),
+    (AdapterBaseMismatch, 400, "adapter_base_mismatch"),
+    (AdapterRefused, 400, "adapter_invalid"),
     (engine.InvalidRequest, 400, "invalid_request"),
     (engine.AdapterNotFound, 404, "model_not_found"),
     (engine.Cancelled, 499, "cancelled"),

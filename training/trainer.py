@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from faithlens.adapter_check import write_base_identity
 from faithlens.analysis import metrics_from_probe, new_probe
 from faithlens.answer import char_span_to_tokens, find_answer_span
 from faithlens.atman import atman_rl_saliency
@@ -404,6 +405,7 @@ class Trainer:
     def save_adapter(self, path: Path) -> None:
         self.lm.model.save_pretrained(path, selected_adapters=[ADAPTER], safe_serialization=True)
         _flatten_adapter_dir(path)
+        write_base_identity(path, self.lm)  # which base model it fits (faithlens.adapter_check)
 
     def save_checkpoint(self, path: Path, metrics: dict) -> None:
         path.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,40 @@ class AdapterNotFound(EngineError):
     """No adapter of that name is attached."""
 
 
+class AdapterRefused(InvalidRequest):
+    """The adapter directory is not one this model takes (not a directory, no safetensors weights, files
+    that do not parse). Raised before anything touches the model; subclasses say which check failed."""
+
+    def __init__(self, message: str, param: str | None = "path") -> None:
+        super().__init__(message, param)
+
+
+class AdapterInvalidKeys(AdapterRefused):
+    """The weights hold a tensor that is not a LoRA A/B matrix of a module the base model has (an embedding
+    matrix, a bias, a module that does not exist), or a targeted module lacks its A or B."""
+
+
+class AdapterShapeMismatch(AdapterRefused):
+    """A LoRA matrix's shape does not fit its base module's in/out features and the declared rank."""
+
+
+class AdapterRankTooLarge(AdapterRefused):
+    """The declared rank exceeds FAITHLENS_MAX_LORA_RANK."""
+
+    def __init__(self, message: str, rank: int, limit: int) -> None:
+        super().__init__(message)
+        self.rank, self.limit = rank, limit
+
+
+class AdapterConfigRefused(AdapterRefused):
+    """``adapter_config.json`` holds a field outside the allow-list, or a value that would change the base
+    model (layer replication, modules to save, DoRA, biases, ...)."""
+
+
+class AdapterBaseMismatch(AdapterRefused):
+    """The adapter was trained on another base model than the one served."""
+
+
 class Overloaded(EngineError):
     """The waiting line is full; retry after ``retry_after_s``."""
 
