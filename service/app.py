@@ -1,5 +1,9 @@
-"""The FastAPI application: routers, error handlers, limits, metrics, and the start-up that loads the model
-in the background (``/healthz`` answers at once; ``/readyz`` turns 200 when the model is in)."""
+"""The FastAPI application: routers, error handlers, guards and limits, metrics, and the start-up that loads
+the model in the background (``/healthz`` answers at once; ``/readyz`` turns 200 when the model is in).
+
+Without API keys the app itself answers loopback callers only (peer address and ``Host:`` name), however
+it is served: ``python -m service`` also refuses to bind elsewhere (:func:`bind_host`), but ``uvicorn
+--factory service.app:create_app --host 0.0.0.0`` goes through the same guard."""
 
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ from faithlens.engine import EngineConfig, LocalEngine
 from faithlens.model import LoadedModel, load_model
 from faithlens.registry import load_plugins
 from faithlens.settings import CoreSettings, get_core_settings
+from jobs.journal import Journal
 from jobs.settings import QueueSettings, get_queue_settings
 from jobs.store import JobStore
 from service import hotload
 from service.adapters import AdapterRegistry
 from service.errors import install_error_handlers
-from service.limits import BodySizeLimit
+from service.limits import BodySizeLimit, CallerGuard, FiniteJSON, is_loopback
 from service.routes import admin, capabilities, jobs, native, openai, ops, ui
 from service.settings import ServiceSettings, get_service_settings
 from service.state import ServerState
@@ -77,15 +82,18 @@ async def _start(app: FastAPI, layers: Layers, metrics: Telemetry, lm: LoadedMod
         lm = await asyncio.to_thread(load_model, core.model, core.device, core.dtype, core.cache_dir)
     engine = LocalEngine(lm, engine_config(settings), metrics)
     core.adapters.mkdir(parents=True, exist_ok=True)
-    registry = AdapterRegistry(engine, core.adapters, metrics)
+    registry = AdapterRegistry(
+        engine, core.adapters, metrics, served_name=settings.served_model_name, max_rank=core.max_lora_rank
+    )
     await engine.start()
+    await registry.load_store()  # every adapter in the store, before the server says it is ready
     redis, job_store, celery = None, None, None
     if queue.redis_url:
         import redis.asyncio as aioredis
         from celery import Celery
 
         redis = aioredis.from_url(queue.redis_url)
-        job_store = JobStore(queue.redis_url)
+        job_store = JobStore(queue.redis_url, journal=Journal(core.adapters))  # + a copy on disk
         celery = Celery("faithlens-api", broker=queue.redis_url)
     state = ServerState(
         settings=settings,
@@ -150,13 +158,36 @@ def create_app(
     )
     app.state.api_keys = settings.parsed_api_keys()
     app.state.ui_dir = settings.ui_dir
+    app.state.redis_configured = bool(layers.queue.redis_url)
     app.state.faithlens = None
     install_error_handlers(app)
     for module in (native, capabilities, openai, admin, jobs, ops, ui):
         app.include_router(module.router)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    # The last added runs first: metrics see every answer; the caller guard answers before any body is
+    # read; then the size limit; the JSON check reads the (limited) body.
+    app.add_middleware(FiniteJSON)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        CallerGuard, loopback_only=not app.state.api_keys, allowed_hosts=settings.parsed_allowed_hosts()
+    )
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app
+
+
+def bind_host(requested: str, settings: ServiceSettings) -> str:
+    """Where ``python -m service`` binds: ``requested``, or 127.0.0.1 when there are no API keys and
+    ``requested`` is not loopback (the app would refuse every remote caller anyway)."""
+    if settings.parsed_api_keys():
+        return requested
+    if not is_loopback(requested):
+        log.warning(
+            "no FAITHLENS_API_KEYS set: refusing to bind %s, binding 127.0.0.1 instead",
+            requested,
+            extra={"requested_host": requested},
+        )
+        return "127.0.0.1"
+    log.warning("no FAITHLENS_API_KEYS set: authentication is off, serving on loopback only")
+    return requested
 
 
 def _log_start_failure(task: asyncio.Task) -> None:

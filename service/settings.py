@@ -5,11 +5,14 @@ and :mod:`jobs.settings`)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\]")
 
 
 def _client_static() -> Path:
@@ -34,6 +37,11 @@ class ServiceSettings(BaseSettings):
         default="",
         description="Comma-separated `key:scope` pairs, scope `infer` or `admin` (admin implies infer). "
         "Empty: no auth, and the server binds to loopback only.",
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated names the `Host:` header may carry besides loopback ones (`*.example.com` "
+        "matches subdomains). Empty: any name with API keys, loopback names only without (DNS rebinding).",
     )
     max_batch_size: int = Field(default=8, ge=1, description="Sequences decoded together in one pass.")
     max_queue: int = Field(default=64, ge=0, description="Requests waiting beyond the batch; then 503.")
@@ -70,6 +78,17 @@ class ServiceSettings(BaseSettings):
         default_factory=_client_static,
         description="The audit view's files (the client package's renderer), served at /ui.",
     )
+
+    def parsed_allowed_hosts(self) -> list[str]:
+        """The allowed ``Host:`` names; raises ValueError on a malformed entry so a typo fails at start-up."""
+        hosts = [part.strip().lower() for part in self.allowed_hosts.split(",") if part.strip()]
+        for host in hosts:
+            if not _HOST_PATTERN.fullmatch(host):
+                raise ValueError(
+                    f"FAITHLENS_ALLOWED_HOSTS entry {host!r}: expected a name, `*.domain`, an IPv4 address or "
+                    "a bracketed IPv6 one, without a port"
+                )
+        return hosts
 
     def parsed_api_keys(self) -> dict[str, str]:
         """``{key: scope}``; raises ValueError on a malformed entry so a typo fails at start-up."""

@@ -20,12 +20,17 @@ class Health(BaseModel):
 class ReadinessChecks(BaseModel):
     model: bool = Field(description="The model is loaded.")
     engine: bool = Field(description="The engine runs.")
-    redis: bool | Literal["disabled"] = Field(description="Redis answers; `disabled` without REDIS_URL.")
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "not_ready"]
-    checks: ReadinessChecks
+    status: Literal["ready", "degraded", "not_ready"] = Field(
+        description="`ready` and `degraded` (Redis down: jobs and hot-load wait, inference goes on) answer "
+        "200; `not_ready` answers 503."
+    )
+    checks: ReadinessChecks = Field(description="What inference needs; all true means 200.")
+    redis: Literal["ok", "down", "disabled"] = Field(
+        description="Redis (jobs, hot-load), which readiness does not depend on: `disabled` without REDIS_URL."
+    )
 
 
 @router.get("/healthz")
@@ -40,18 +45,29 @@ async def healthz() -> Health:
     responses={503: {"model": Readiness, "description": "Not ready: a check failed (`checks` says which)."}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    """The model is loaded, the engine runs, and Redis answers (when configured)."""
+    """The server can serve inference: the model is loaded and the engine runs. Redis is reported beside
+    (a Redis blip must not take the server out of a load balancer; jobs routes answer 503 meanwhile)."""
     state = getattr(request.app.state, "faithlens", None)
-    engine_ready = state is not None and state.engine.health().ready
-    checks = {"model": state is not None, "engine": engine_ready, "redis": "disabled"}
-    if state is not None and state.redis is not None:
-        try:
-            checks["redis"] = bool(await asyncio.wait_for(state.redis.ping(), timeout=1.0))
-        except Exception:
-            checks["redis"] = False
-    ready = all(value is not False for value in checks.values())
-    body = Readiness(status="ready" if ready else "not_ready", checks=ReadinessChecks(**checks))
+    checks = ReadinessChecks(
+        model=state is not None, engine=state is not None and state.engine.health().ready
+    )
+    redis = await _redis(request)
+    ready = checks.model and checks.engine
+    status = "not_ready" if not ready else "ready" if redis != "down" else "degraded"
+    body = Readiness(status=status, checks=checks, redis=redis)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+async def _redis(request: Request) -> Literal["ok", "down", "disabled"]:
+    if not request.app.state.redis_configured:
+        return "disabled"
+    state = getattr(request.app.state, "faithlens", None)
+    if state is None or state.redis is None:
+        return "down"  # not connected yet: the model is still loading
+    try:
+        return "ok" if await asyncio.wait_for(state.redis.ping(), timeout=1.0) else "down"
+    except Exception:
+        return "down"
 
 
 @router.get(
