@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -275,8 +274,9 @@ def _final(
 
 
 def _sse(data: BaseModel | str) -> str:
+    """One event. pydantic's JSON writes a float that is not finite as null: an event is always JSON."""
     if isinstance(data, BaseModel):
-        data = json.dumps(data.model_dump(mode="json", by_alias=True))
+        data = data.model_dump_json(by_alias=True)
     return f"data: {data}\n\n"
 
 
