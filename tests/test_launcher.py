@@ -51,7 +51,7 @@ def test_launcher_starts_private_redis_and_server(tmp_path, system_redis):
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        assert ready is not None and ready["checks"]["redis"] is True, ready
+        assert ready is not None and ready["redis"] == "ok", ready
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
