@@ -1,5 +1,10 @@
 """Fine-tuning jobs, shaped like OpenAI's fine-tuning API: create, list, get, events (with an SSE follow
-mode), cancel, checkpoints. Mutations need ``admin``. Jobs are stored in Redis and run by Celery workers."""
+mode), cancel, checkpoints. Jobs are stored in Redis and run by Celery workers.
+
+A job belongs to the key that created it (``owner``: a SHA-256 prefix of the key). An ``infer`` key lists,
+reads, follows and cancels only its own jobs; another's job is a 404, as if it did not exist, so job ids
+do not leak. ``admin`` keys (and everyone, with auth off) see every job. An ``infer`` key trains only into
+an adapter name that is new or already its own, so it cannot replace an adapter others are served."""
 
 from __future__ import annotations
 
@@ -11,21 +16,30 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faithlens.params import NonEmpty
-from jobs.models import RUN_JOB_TASK, TERMINAL, Checkpoint, Job, JobEvent, Status, new_job_id
+from faithlens.settings import get_core_settings
+from jobs.models import (
+    RUN_JOB_TASK,
+    TERMINAL,
+    Checkpoint,
+    IllegalTransition,
+    Job,
+    JobEvent,
+    Status,
+    new_job_id,
+)
 from jobs.store import JobStore
-from service.auth import require
+from service.auth import Principal, require
 from service.errors import APIError
 from service.openai_schemas import event_stream
 from service.routes.native import ERRORS
 from service.schemas import AdapterName, ErrorResponse
 from service.state import ServerState, get_state
-from training.config import TrainConfig
+from training.config import TrainConfig, TrainHyperparameters
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
-ADMIN = {403: {"model": ErrorResponse, "description": "The key lacks the `admin` scope."}}
 
 
 class TrainingRow(BaseModel):
@@ -57,10 +71,11 @@ class UploadedData(BaseModel):
         return rows
 
 
-class JobMethod(BaseModel):
-    """``{"type": "grpo" | "atmanrl", ...hyperparameters}``; the names are training.config.TrainConfig's."""
+class JobMethod(TrainHyperparameters):
+    """``{"type": "grpo" | "atmanrl", ...hyperparameters}``: the hyperparameters, their types, defaults and
+    bounds are ``training.config.TrainHyperparameters``' (the trainer's own configuration); an unknown
+    name or a value out of bounds is a 400 naming the field (``method.<name>``)."""
 
-    model_config = ConfigDict(extra="allow")
     type: Literal["grpo", "atmanrl"]
 
 
@@ -74,12 +89,6 @@ class CreateJobRequest(BaseModel):
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] = Field(
         default_factory=dict
     )
-
-    @model_validator(mode="after")
-    def _no_method_in_hyperparameters(self) -> CreateJobRequest:
-        if "method" in (self.method.model_extra or {}):
-            raise ValueError("give the method as method.type")
-        return self
 
 
 class JobList(BaseModel):
@@ -111,32 +120,74 @@ def _store(state: ServerState) -> JobStore:
     return state.jobs
 
 
-async def _job(state: ServerState, job_id: str) -> Job:
+async def _job(state: ServerState, job_id: str, caller: Principal) -> Job:
+    """The job, if it exists and ``caller`` may see it; else 404 (the same 404 either way)."""
     job = await asyncio.to_thread(_store(state).get, job_id)
-    if job is None:
+    if job is None or not caller.may_see(job.owner):
         raise APIError(404, "not_found", f"no job {job_id!r}", "job_id")
     return job
 
 
-def _config(body: CreateJobRequest) -> TrainConfig:
-    hyper = dict(body.method.model_extra or {})
+def _config(body: CreateJobRequest, max_new_tokens: int, max_lora_rank: int) -> TrainConfig:
+    """The run's configuration, also held to this server's limits: the tokens it decodes and the rank of
+    the adapter it must then load."""
+    hyper = body.method.model_dump(exclude={"type"})
+    if "max_new_tokens" not in body.method.model_fields_set:  # the default, capped by the server's limit
+        hyper["max_new_tokens"] = min(hyper["max_new_tokens"], max_new_tokens)
+    elif hyper["max_new_tokens"] > max_new_tokens:
+        raise APIError(
+            400,
+            "context_length_exceeded",
+            f"max_new_tokens is {hyper['max_new_tokens']}; the limit is {max_new_tokens}",
+            "method.max_new_tokens",
+        )
+    if hyper["lora_r"] > max_lora_rank:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"lora_r is {hyper['lora_r']}; this server loads adapters of rank {max_lora_rank} at most "
+            "(FAITHLENS_MAX_LORA_RANK)",
+            "method.lora_r",
+        )
     try:
         return TrainConfig(method=body.method.type, seed=body.seed, **hyper)
-    except TypeError as exc:
-        raise APIError(400, "invalid_request", f"unknown hyperparameter: {exc}", "method") from exc
-    except ValueError as exc:
-        raise APIError(400, "invalid_request", str(exc), "method") from exc
+    except ValidationError as exc:  # the fields passed JobMethod: only a cross-field rule can fail here
+        error = exc.errors()[0]
+        param = ".".join(["method", *(str(part) for part in error["loc"])])
+        raise APIError(400, "invalid_request", error["msg"], param) from exc
 
 
-@router.post("", responses=ADMIN, dependencies=[Depends(require("admin"))])
-async def create_job(body: CreateJobRequest, request: Request) -> Job:
+def _claim_adapter_name(state: ServerState, store: JobStore, name: str, caller: Principal) -> None:
+    """An ``infer`` key may train only into a new adapter name or one its own jobs claimed first; an
+    ``admin`` key into any. The first job into a name claims it for its owner."""
+    if caller.owner is None:  # auth off: no owners to keep apart
+        return
+    holder = store.adapter_owner(name)
+    if holder is None:
+        # an adapter an admin loaded, or one trained before owners were recorded, belongs to no infer key
+        served = name in {v.name for v in state.adapters.list()} or (state.adapters.store / name).exists()
+        holder = None if served else store.claim_adapter(name, caller.owner)
+    if holder != caller.owner and not caller.admin:
+        raise APIError(
+            409, "adapter_name_taken", f"the adapter name {name!r} belongs to another key", "adapter_name"
+        )
+
+
+@router.post(
+    "",
+    responses={409: {"model": ErrorResponse, "description": "The adapter name belongs to another key."}},
+)
+async def create_job(
+    body: CreateJobRequest, request: Request, caller: Annotated[Principal, Depends(require("infer"))]
+) -> Job:
+    """Queue a job; it belongs to the calling key."""
     state = get_state(request)
     store = _store(state)
     if body.model not in (None, state.model_name):
         raise APIError(
             404, "model_not_found", f"jobs fine-tune the served base model {state.model_name!r}", "model"
         )
-    config = _config(body)
+    config = _config(body, state.settings.max_new_tokens, get_core_settings().max_lora_rank)
     rows = None
     if isinstance(body.training_data, UploadedData):
         rows = body.training_data.rows()
@@ -155,54 +206,67 @@ async def create_job(body: CreateJobRequest, request: Request) -> Job:
         id=new_job_id(),
         created_at=int(time.time()),
         model=state.model_name,
-        method={"type": body.method.type, **(body.method.model_extra or {})},
+        method=body.method.model_dump(include={"type"} | body.method.model_fields_set),
         hyperparameters=config.as_dict(),
         training_data="gsm8k-train" if rows is None else "upload",
         adapter_name=body.adapter_name,
         seed=body.seed,
         metadata=body.metadata,
+        owner=caller.owner,
     )
+    await asyncio.to_thread(_claim_adapter_name, state, store, body.adapter_name, caller)
     await asyncio.to_thread(store.create, job, [r.model_dump() for r in rows] if rows is not None else None)
     await asyncio.to_thread(state.celery.send_task, RUN_JOB_TASK, args=[job.id], queue=state.queue.job_queue)
     return job
 
 
-@router.get("", dependencies=[Depends(require("infer"))])
+@router.get("")
 async def list_jobs(
-    request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
+    request: Request,
+    caller: Annotated[Principal, Depends(require("infer"))],
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
 ) -> JobList:
-    jobs = await asyncio.to_thread(_store(get_state(request)).list, limit + 1, after)
+    """Newest first: the caller's own jobs (every job for an ``admin`` key)."""
+    store = _store(get_state(request))
+    jobs = await asyncio.to_thread(store.list, limit + 1, after, caller.visible_owner)
     return JobList(data=jobs[:limit], has_more=len(jobs) > limit)
 
 
-@router.get("/{job_id}", dependencies=[Depends(require("infer"))])
-async def get_job(job_id: str, request: Request) -> Job:
-    return await _job(get_state(request), job_id)
+@router.get("/{job_id}")
+async def get_job(
+    job_id: str, request: Request, caller: Annotated[Principal, Depends(require("infer"))]
+) -> Job:
+    return await _job(get_state(request), job_id, caller)
 
 
 @router.post(
     "/{job_id}/cancel",
-    responses={**ADMIN, 409: {"model": ErrorResponse, "description": "The job has already finished."}},
-    dependencies=[Depends(require("admin"))],
+    responses={409: {"model": ErrorResponse, "description": "The job has already finished."}},
 )
-async def cancel_job(job_id: str, request: Request) -> Job:
-    """A queued job is cancelled at once; a running one stops at its next step boundary."""
+async def cancel_job(
+    job_id: str, request: Request, caller: Annotated[Principal, Depends(require("infer"))]
+) -> Job:
+    """A queued job is cancelled at once; a running one stops within a bounded time (its worker checks
+    between decode steps, scoring passes and optimiser iterations) and then reads ``cancelled``."""
     state = get_state(request)
     store = _store(state)
-    job = await _job(state, job_id)
-    if job.status in TERMINAL:
-        raise APIError(409, "job_finished", f"the job is already {job.status}", "job_id")
-    await asyncio.to_thread(store.request_cancel, job_id)
-    if job.status == "queued":
-        job = await asyncio.to_thread(store.update, job_id, status="cancelled", finished_at=int(time.time()))
+    await _job(state, job_id, caller)
+    try:
+        job = await asyncio.to_thread(store.cancel, job_id)
+    except IllegalTransition as exc:
+        raise APIError(409, "job_finished", f"the job is already {exc.current}", "job_id") from exc
+    if job.status == "cancelled":  # it was queued: cancelled here, by this call
         await asyncio.to_thread(store.event, job_id, "cancelled while queued")
     return job
 
 
-@router.get("/{job_id}/checkpoints", dependencies=[Depends(require("infer"))])
-async def list_checkpoints(job_id: str, request: Request) -> CheckpointList:
+@router.get("/{job_id}/checkpoints")
+async def list_checkpoints(
+    job_id: str, request: Request, caller: Annotated[Principal, Depends(require("infer"))]
+) -> CheckpointList:
     state = get_state(request)
-    await _job(state, job_id)
+    await _job(state, job_id, caller)
     return CheckpointList(data=await asyncio.to_thread(_store(state).checkpoints, job_id))
 
 
@@ -218,16 +282,19 @@ async def list_checkpoints(job_id: str, request: Request) -> CheckpointList:
             "`JobStreamEnd` when the job has finished, then `data: [DONE]`.",
         )
     },
-    dependencies=[Depends(require("infer"))],
 )
 async def list_events(
-    job_id: str, request: Request, follow: bool = False, after: Annotated[int, Query(ge=0, le=10**9)] = 0
+    job_id: str,
+    request: Request,
+    caller: Annotated[Principal, Depends(require("infer"))],
+    follow: bool = False,
+    after: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobEventList | StreamingResponse:
     """All events from index ``after``; with ``follow=true`` an SSE stream that ends, with ``[DONE]``,
     when the job finishes."""
     state = get_state(request)
     store = _store(state)
-    await _job(state, job_id)
+    await _job(state, job_id, caller)
     if not follow:
         events = await asyncio.to_thread(store.events, job_id, after)
         return JobEventList(data=events)
