@@ -34,6 +34,16 @@ class QueueSettings(BaseSettings):
     job_queue: str = Field(default="faithlens-jobs", description="The Celery queue jobs are sent to.")
     worker_concurrency: int = Field(default=1, ge=1, description="Jobs one worker runs at once.")
     max_upload_rows: int = Field(default=20000, ge=1, description="Rows an uploaded training set may hold.")
+    reaper_interval_s: float = Field(
+        default=15,
+        gt=0,
+        description="How often each worker's reaper re-queues orphaned jobs and rebuilds lost ones.",
+    )
+    reaper_grace_s: float = Field(
+        default=10,
+        ge=0,
+        description="A job younger than this is never re-sent (its message may still be on its way).",
+    )
 
     @property
     def redis(self) -> str:

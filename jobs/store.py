@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from jobs.models import TERMINAL, Checkpoint, IllegalTransition, Job, JobEvent, check_transition
 
@@ -52,8 +54,16 @@ class JobStore:
     """Synchronous Redis access (workers use it directly; the API calls it from a thread). With a
     ``journal``, every job record written is also written to disk (:mod:`jobs.journal`)."""
 
-    def __init__(self, url: str, journal: Journal | None = None) -> None:
-        self.redis = redis.Redis.from_url(url, decode_responses=True)
+    def __init__(self, url: str, journal: Journal | None = None, patient: bool = False) -> None:
+        """``patient``: retry calls through a Redis that is briefly away (about 30 s), as a worker in the
+        middle of a job should; the API answers 503 at once instead."""
+        retry = {}
+        if patient:
+            retry = {
+                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40),
+                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+            }
+        self.redis = redis.Redis.from_url(url, decode_responses=True, **retry)
         self.journal = journal
 
     def _key(self, job_id: str, part: str = "") -> str:
@@ -117,8 +127,10 @@ class JobStore:
     ) -> Job:
         """Read the job, let ``change`` compute its new fields from it (or raise), and write them (plus
         whatever ``also`` queues) in one MULTI/EXEC that fails if anyone wrote the job in between; then
-        try again from the fresh record."""
+        try again from the fresh record. A record Redis lost is first restored from the journal."""
         key = self._key(job_id)
+        if self.journal is not None and not self.redis.exists(key):
+            self._restore_from_journal(job_id)
         with self.redis.pipeline() as pipe:
             for _ in range(MAX_ATTEMPTS):
                 try:
@@ -185,6 +197,19 @@ class JobStore:
         pipe.execute()
         if self.journal is not None:
             self.journal.write(job)
+
+    def _restore_from_journal(self, job_id: str) -> None:
+        """Redis no longer has this job (it lost its data) but its copy on disk does: write it back, as
+        the reaper would, before changing it. The reaper does the same for jobs nobody is touching."""
+        assert self.journal is not None
+        saved = self.journal.read(job_id)
+        if saved is None:
+            return
+        versions = self.journal.versions(saved.adapter_name)
+        self.restore(
+            saved, self.journal.rows(job_id), self.journal.checkpoints(saved), max(versions, default=0)
+        )
+        self.event(job_id, "restored from the adapter store after Redis lost its data", level="warn")
 
     # -- events and checkpoints ---------------------------------------------------------------------------
     def event(

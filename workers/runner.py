@@ -18,6 +18,7 @@ from faithlens.answer import reference_answer
 from faithlens.data import Problem, load_gsm8k
 from faithlens.model import load_model
 from faithlens.settings import CoreSettings, get_core_settings
+from jobs.journal import Journal, UnsafePath, check_adapter_name, check_job_id, inside
 from jobs.models import TERMINAL, Checkpoint, Job, JobError
 from jobs.settings import QueueSettings, get_queue_settings
 from jobs.store import JobStore
@@ -70,11 +71,18 @@ def load_problems(job: Job, store: JobStore, settings: CoreSettings) -> list[Pro
     return problems
 
 
+class LeaseLost(Exception):
+    """Another worker holds this job's lease now: this one stops without touching the job."""
+
+
 class Heartbeat:
-    """Renews the job's lease in the background while the (blocking) training loop runs."""
+    """Renews the job's lease in the background while the (blocking) training loop runs. A lease that
+    vanished (Redis restarted without it) is taken again; one that another worker holds now means this
+    worker must stop (``lost``), so that the job never runs twice at once."""
 
     def __init__(self, store: JobStore, job_id: str, owner: str, ttl_s: int) -> None:
         self.store, self.job_id, self.owner, self.ttl_s = store, job_id, owner, ttl_s
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -89,15 +97,29 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                self.store.renew_lease(self.job_id, self.owner, self.ttl_s)
+                if self.store.renew_lease(self.job_id, self.owner, self.ttl_s):
+                    continue
+                if not self.store.take_lease(self.job_id, self.owner, self.ttl_s):
+                    self.lost = True
+                    log.error("lease taken by another worker; stopping", extra={"job": self.job_id})
+                    return
+                log.warning("lease was gone (Redis restarted?); taken again", extra={"job": self.job_id})
             except redis.RedisError:
                 log.warning("lease renewal failed", extra={"job": self.job_id})
 
 
 def run_job(job_id: str, worker_id: str, settings: WorkerSettings | None = None) -> str:
     settings = settings or WorkerSettings.from_env()
-    store = JobStore(settings.queue.redis)
-    job = store.get(job_id)
+    journal = Journal(settings.core.adapters)
+    store = JobStore(settings.queue.redis, journal=journal, patient=True)
+    try:
+        check_job_id(job_id)
+        job = store.get(job_id)
+        if job is not None:
+            check_adapter_name(job.adapter_name)  # read from Redis: re-checked before it names a path
+    except UnsafePath as exc:
+        log.error("refused a job record", extra={"job": str(job_id)[:64], "reason": str(exc)})
+        return "refused"
     if job is None:
         log.warning("unknown job", extra={"job": job_id})
         return "missing"
@@ -106,13 +128,17 @@ def run_job(job_id: str, worker_id: str, settings: WorkerSettings | None = None)
     if not store.take_lease(job_id, worker_id, settings.queue.job_lease_ttl_s):
         raise LeaseBusy(settings.queue.job_lease_ttl_s)
     try:
-        with Heartbeat(store, job_id, worker_id, settings.queue.job_lease_ttl_s):
-            return _run_leased(store, job, settings)
+        with Heartbeat(store, job_id, worker_id, settings.queue.job_lease_ttl_s) as heartbeat:
+            return _run_leased(store, journal, job, settings, heartbeat)
+    except LeaseLost:
+        return "lease_lost"
     finally:
         store.release_lease(job_id, worker_id)
 
 
-def _run_leased(store: JobStore, job: Job, settings: WorkerSettings) -> str:
+def _run_leased(
+    store: JobStore, journal: Journal, job: Job, settings: WorkerSettings, heartbeat: Heartbeat
+) -> str:
     if store.cancel_requested(job.id):
         return _finish(store, job.id, "cancelled", "cancelled before it started")
     job = store.update(
@@ -120,8 +146,10 @@ def _run_leased(store: JobStore, job: Job, settings: WorkerSettings) -> str:
     )
     store.event(job.id, f"attempt {job.attempts} started")
     try:
-        _train(store, job, settings)
+        _train(store, journal, job, settings, heartbeat)
     except Cancelled:
+        if heartbeat.lost:
+            raise LeaseLost() from None
         return _finish(store, job.id, "cancelled", "cancelled between steps")
     except JobFailure as failure:
         return _finish(
@@ -140,7 +168,9 @@ def _finish(store: JobStore, job_id: str, status: str, message: str, error: JobE
     return status
 
 
-def _train(store: JobStore, job: Job, settings: WorkerSettings) -> None:
+def _train(
+    store: JobStore, journal: Journal, job: Job, settings: WorkerSettings, heartbeat: Heartbeat
+) -> None:
     try:
         config = TrainConfig(**job.hyperparameters)
     except (TypeError, ValueError) as exc:
@@ -150,11 +180,12 @@ def _train(store: JobStore, job: Job, settings: WorkerSettings) -> None:
         torch.set_num_threads(core.torch_threads)
     problems = load_problems(job, store, core)
     lm = load_model(core.model, core.device, core.dtype, core.cache_dir)
-    adapter_root = core.adapters / job.adapter_name
-    checkpoint_dir = adapter_root / "checkpoints" / job.id
+    adapter_root = inside(core.adapters, check_adapter_name(job.adapter_name))
+    checkpoint_dir = journal.checkpoint_dir(job)
 
     def on_metrics(step: int, metrics: dict) -> None:
-        store.update(job.id, step=step)
+        # "running" again if the reaper re-queued it while Redis was away: this worker holds the lease
+        store.update(job.id, step=step, status="running")
         store.event(job.id, f"step {step}/{config.max_steps}", type="metrics", data=metrics)
 
     def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
@@ -163,12 +194,13 @@ def _train(store: JobStore, job: Job, settings: WorkerSettings) -> None:
         )
         store.event(job.id, f"checkpoint at step {step}")
 
-    trainer = Trainer(
-        lm, config, problems, Hooks(on_metrics, lambda: store.cancel_requested(job.id), on_checkpoint)
-    )
-    checkpoints = store.checkpoints(job.id)
+    def should_stop() -> bool:
+        return heartbeat.lost or store.cancel_requested(job.id)
+
+    trainer = Trainer(lm, config, problems, Hooks(on_metrics, should_stop, on_checkpoint))
+    checkpoints = journal.checkpoints(job)  # the disk is the truth: Redis may have lost its list
     if checkpoints:
-        trainer.load_checkpoint(Path(checkpoints[-1].path))
+        trainer.load_checkpoint(inside(core.adapters, checkpoints[-1].path))
         store.event(job.id, f"resumed from the checkpoint at step {trainer.step}")
     final = trainer.train(checkpoint_dir)
     _publish(store, job, settings, trainer, final, adapter_root)
@@ -178,7 +210,7 @@ def _publish(
     store: JobStore, job: Job, settings: WorkerSettings, trainer: Trainer, metrics: dict, root: Path
 ) -> None:
     """Write ``<store>/<name>/<version>/`` (adapter + manifest), mark the job done, announce it."""
-    job = store.get(job.id) or job
+    job = store.update(job.id, status="running")  # (back) to running: this worker holds its lease
     version = job.result_version
     if version is None:  # taken once: a retried job rewrites the same version, never a second one
         version = store.next_adapter_version(job.adapter_name)
