@@ -222,3 +222,41 @@ def test_killed_worker_and_redis_restart_give_one_adapter(stack, order):
         _assert_one_adapter(server, done, f"durable-{order}")
         steps = _steps(c, job["id"])
         assert steps.count(1) == 1 and steps[-1] == LONG_JOB["max_steps"], steps
+
+
+def test_worker_refuses_names_and_paths_crafted_in_redis(tmp_path):
+    """A record rewritten in Redis must not make the worker write outside the adapter store."""
+    from faithlens.settings import CoreSettings
+    from jobs.journal import Journal
+    from jobs.models import Job, new_job_id
+    from jobs.settings import QueueSettings
+    from jobs.store import JobStore
+    from workers.runner import WorkerSettings, run_job
+
+    redis_proc = RedisProcess(tmp_path / "redis", aof=False)
+    try:
+        store_dir = tmp_path / "store"
+        store = JobStore(redis_proc.url, journal=Journal(store_dir))
+        settings = WorkerSettings(
+            CoreSettings(adapter_store=store_dir, model=str(tmp_path / "no-model")),
+            QueueSettings(redis_url=redis_proc.url),
+        )
+        for name in ("../escape", "/tmp/escape", "a/../../escape", "x\x00y"):
+            job = Job(
+                id=new_job_id(),
+                created_at=int(time.time()),
+                model="tiny",
+                method={"type": "grpo"},
+                hyperparameters={},
+                training_data="gsm8k-train",
+                adapter_name="fine",
+            )
+            store.create(job)
+            raw = json.loads(store.redis.get(f"faithlens:job:{job.id}"))
+            store.redis.set(f"faithlens:job:{job.id}", json.dumps({**raw, "adapter_name": name}))
+            assert run_job(job.id, "worker-test", settings) == "refused"
+        assert run_job("../../etc/passwd", "worker-test", settings) == "refused"
+        assert not (tmp_path / "escape").exists() and not Path("/tmp/escape").exists()
+        assert sorted(p.name for p in store_dir.iterdir()) == [".jobs"]  # nothing but the journal
+    finally:
+        redis_proc.stop()
