@@ -73,8 +73,8 @@ def test_an_option_given_before_the_command_is_not_reset_by_it():
 
 def test_the_readme_example_runs(server):
     """``faithlens jobs list --json``, as a process, with every global option after the command."""
-    with Faithlens(server.url, api_key="k-admin") as client:
-        job = client.jobs.create(method={"type": "grpo"}, adapter_name="readme")
+    with Faithlens(server.url, api_key="k-infer") as client:  # an infer key lists the jobs it owns
+        job = client.jobs.create(method={"type": "grpo"}, adapter_name=f"readme-{uuid.uuid4().hex[:8]}")
         client.jobs.cancel(job.id)
     out = subprocess.run(
         [
