@@ -26,7 +26,7 @@ def public_methods(cls: type) -> dict[str, types.FunctionType]:
 
 
 def resources(client: object) -> dict[str, object]:
-    """The client's sub-resources (``models``, ``adapters``, ``jobs``, ...): its attributes whose class is
+    """The client's sub-resources (``models``, ``adapters``, ``jobs``, ``audits``): its attributes whose class is
     one of the SDK's."""
     return {
         name: value
@@ -61,7 +61,11 @@ def test_sync_and_async_clients_have_the_same_calls():
     )
     sync, asynchronous = Faithlens("http://127.0.0.1:9"), AsyncFaithlens("http://127.0.0.1:9")
     try:
-        assert sorted(resources(sync)) == sorted(resources(asynchronous)) == ["adapters", "jobs", "models"]
+        assert (
+            sorted(resources(sync))
+            == sorted(resources(asynchronous))
+            == ["adapters", "audits", "jobs", "models"]
+        )
         for name, resource in resources(sync).items():
             twin = resources(asynchronous)[name]
             assert type(twin).__name__ == f"Async{type(resource).__name__}"

@@ -3,9 +3,11 @@
 from faithlens_client._client import (
     Adapters,
     AsyncAdapters,
+    AsyncAudits,
     AsyncFaithlens,
     AsyncJobs,
     AsyncModels,
+    Audits,
     Faithlens,
     Jobs,
     Models,
@@ -23,7 +25,16 @@ from faithlens_client.errors import (
 )
 from faithlens_client.params import AnalysisOptions, SaliencyOptions, SamplingOptions
 from faithlens_client.render import render_page
-from faithlens_client.types import Capabilities, CreditStrategyInfo, SaliencyMethodInfo
+from faithlens_client.types import (
+    Audit,
+    AuditEvent,
+    AuditReportSummary,
+    AuditRequestCounts,
+    AuditResult,
+    Capabilities,
+    CreditStrategyInfo,
+    SaliencyMethodInfo,
+)
 
 __all__ = [
     "APIConnectionError",
@@ -31,10 +42,17 @@ __all__ = [
     "Adapters",
     "AnalysisOptions",
     "AsyncAdapters",
+    "AsyncAudits",
     "AsyncFaithlens",
     "AsyncJobs",
     "AsyncModels",
+    "Audit",
+    "AuditEvent",
     "AuditReport",
+    "AuditReportSummary",
+    "AuditRequestCounts",
+    "AuditResult",
+    "Audits",
     "AuthenticationError",
     "BadRequestError",
     "Capabilities",

@@ -3,7 +3,7 @@
 Every API call is described once, as a :class:`Call` built by one of the ``*_call`` functions below (method,
 path, body, query, how to parse the answer). The sync client runs calls with ``httpx.Client`` and the async
 one with ``httpx.AsyncClient``; each public method of either client, and of its resources (``models``,
-``adapters``, ``jobs``), only builds the call and runs it, so the two stay the same shape (a test compares
+``adapters``, ``jobs``, ``audits``), only builds the call and runs it, so the two stay the same shape (a test compares
 their signatures). Retries with exponential back-off on 503 and connection errors, honouring
 ``Retry-After``.
 """
@@ -25,6 +25,10 @@ from faithlens_client.audit import AuditReport
 from faithlens_client.params import AnalysisOptions, SaliencyOptions, SamplingOptions
 from faithlens_client.types import (
     Adapter,
+    Audit,
+    AuditEvent,
+    AuditReportSummary,
+    AuditResult,
     Capabilities,
     Checkpoint,
     Generation,
@@ -36,6 +40,7 @@ from faithlens_client.types import (
 T = TypeVar("T")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 ProgressCallback = Callable[[Job, list[JobEvent]], None]
+AuditProgressCallback = Callable[[Audit, list[AuditEvent]], None]
 
 
 def _body(body: Any) -> Any:
@@ -44,13 +49,15 @@ def _body(body: Any) -> Any:
 
 @dataclass
 class Call(Generic[T]):
-    """One API call. For a streamed call, ``parse`` takes each SSE payload and returns None to skip it."""
+    """One API call. For a streamed call, ``parse`` takes each SSE payload (or NDJSON line) and returns None
+    to skip it. ``text``: ``parse`` gets the body as text, not JSON (an HTML page)."""
 
     method: str
     path: str
     json: dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     parse: Callable[[Any], T] = _body
+    text: bool = False
 
 
 def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +86,11 @@ def _raise_for(response: httpx.Response) -> None:
 
 class _EndOfStream(Exception):
     """The server sent ``data: [DONE]``."""
+
+
+def _ndjson_item(call: Call[T], line: str) -> T | None:
+    """What one NDJSON line carries for ``call``: None for a blank line."""
+    return call.parse(json.loads(line)) if line.strip() else None
 
 
 def _sse_item(call: Call[T], line: str) -> T | None:
@@ -310,6 +322,77 @@ def job_events_call(job_id: str, after: int = 0) -> Call[list[JobEvent]]:
     )
 
 
+AuditInput = str | list[dict[str, Any]] | dict[str, Any]
+
+
+def create_audit_call(
+    input: AuditInput,
+    *,
+    limit: int | None = None,
+    model: str | None = None,
+    adapter: str | None = None,
+    analysis: AnalysisOptions | dict[str, Any] | None = None,
+    saliency: str | SaliencyOptions | dict[str, Any] | None = None,
+    sampling: SamplingOptions | dict[str, Any] | None = None,
+    reports: list[str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Call[Audit]:
+    """``input``: a dataset name (``gsm8k-dev``, ``gsm8k-train``; ``limit`` its first rows), a list of rows
+    ``{id?, prompt | messages, completion?, reference?}``, or ``{"jsonl": text}`` (one row per line)."""
+    if sampling is not None and not isinstance(sampling, SamplingOptions):
+        sampling = SamplingOptions.model_validate(sampling)
+    body = _drop_none(
+        {
+            "input": input,
+            "limit": limit,
+            "model": model,
+            "adapter": adapter,
+            "analysis": _analysis(analysis, saliency),
+            "sampling": sampling.body() if sampling is not None else None,
+            "reports": reports,
+            "metadata": metadata,
+        }
+    )
+    return Call("POST", "/v1/audits", body, parse=Audit.model_validate)
+
+
+def list_audits_call(limit: int = 20, after: str | None = None) -> Call[list[Audit]]:
+    params = _drop_none({"limit": limit, "after": after})
+    return Call(
+        "GET", "/v1/audits", params=params, parse=lambda b: [Audit.model_validate(a) for a in b["data"]]
+    )
+
+
+def get_audit_call(audit_id: str) -> Call[Audit]:
+    return Call("GET", f"/v1/audits/{audit_id}", parse=Audit.model_validate)
+
+
+def cancel_audit_call(audit_id: str) -> Call[Audit]:
+    return Call("POST", f"/v1/audits/{audit_id}/cancel", parse=Audit.model_validate)
+
+
+def audit_events_call(audit_id: str, after: int = 0) -> Call[list[AuditEvent]]:
+    return Call(
+        "GET",
+        f"/v1/audits/{audit_id}/events",
+        params={"after": after},
+        parse=lambda b: [AuditEvent.model_validate(e) for e in b["data"]],
+    )
+
+
+def audit_results_call(audit_id: str) -> Call[AuditResult]:
+    """NDJSON: one :class:`AuditResult` per line, in input order."""
+    return Call("GET", f"/v1/audits/{audit_id}/results", parse=AuditResult.model_validate)
+
+
+def audit_report_call(audit_id: str) -> Call[AuditReportSummary]:
+    return Call("GET", f"/v1/audits/{audit_id}/report", parse=AuditReportSummary.model_validate)
+
+
+def audit_report_html_call(audit_id: str) -> Call[str]:
+    return Call("GET", f"/v1/audits/{audit_id}/report", params={"format": "html"}, text=True)
+
+
 # -- resources: sync and async twins, one line per method ------------------------------------------------------
 class Models:
     def __init__(self, client: Faithlens) -> None:
@@ -445,6 +528,157 @@ class AsyncJobs:
         return await self._client._run(job_events_call(job_id, after))
 
 
+class Audits:
+    def __init__(self, client: Faithlens) -> None:
+        self._client = client
+
+    def create(
+        self,
+        input: AuditInput,
+        *,
+        limit: int | None = None,
+        model: str | None = None,
+        adapter: str | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
+        saliency: str | SaliencyOptions | dict[str, Any] | None = None,
+        sampling: SamplingOptions | dict[str, Any] | None = None,
+        reports: list[str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Audit:
+        """Audit a dataset: ``input`` is a dataset name (``gsm8k-dev``; ``limit`` its first rows), a list of
+        rows ``{id?, prompt | messages, completion?, reference?}`` or ``{"jsonl": text}``. Rows without a
+        completion are generated with ``sampling``."""
+        return self._client._run(
+            create_audit_call(
+                input,
+                limit=limit,
+                model=model,
+                adapter=adapter,
+                analysis=analysis,
+                saliency=saliency,
+                sampling=sampling,
+                reports=reports,
+                metadata=metadata,
+            )
+        )
+
+    def list(self, limit: int = 20, after: str | None = None) -> list[Audit]:
+        return self._client._run(list_audits_call(limit, after))
+
+    def get(self, audit_id: str) -> Audit:
+        return self._client._run(get_audit_call(audit_id))
+
+    def cancel(self, audit_id: str) -> Audit:
+        return self._client._run(cancel_audit_call(audit_id))
+
+    def events(self, audit_id: str, after: int = 0) -> list[AuditEvent]:
+        return self._client._run(audit_events_call(audit_id, after))
+
+    def wait(
+        self,
+        audit_id: str,
+        on_progress: AuditProgressCallback | None = None,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+    ) -> Audit:
+        """Poll until the audit finishes; ``on_progress(audit, new_events)`` after each poll with news (its
+        ``request_counts`` say how far it is)."""
+        progress = _Progress(audit_id, on_progress, timeout, what="audit")
+        while True:
+            audit = self.get(audit_id)
+            if progress.update(audit, self.events(audit_id, after=progress.seen)):
+                return audit
+            time.sleep(poll_interval)
+
+    def results(self, audit_id: str) -> Iterator[AuditResult]:
+        """One typed row per input row, in input order, streamed (while the audit runs: the rows done)."""
+        return self._client._lines(audit_results_call(audit_id))
+
+    def report(self, audit_id: str) -> AuditReportSummary:
+        """The reports of a completed audit (409 ``ConflictError`` before)."""
+        return self._client._run(audit_report_call(audit_id))
+
+    def report_html(self, audit_id: str) -> str:
+        """The report as a self-contained HTML page."""
+        return self._client._run(audit_report_html_call(audit_id))
+
+
+class AsyncAudits:
+    def __init__(self, client: AsyncFaithlens) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        input: AuditInput,
+        *,
+        limit: int | None = None,
+        model: str | None = None,
+        adapter: str | None = None,
+        analysis: AnalysisOptions | dict[str, Any] | None = None,
+        saliency: str | SaliencyOptions | dict[str, Any] | None = None,
+        sampling: SamplingOptions | dict[str, Any] | None = None,
+        reports: list[str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Audit:
+        """Audit a dataset: ``input`` is a dataset name (``gsm8k-dev``; ``limit`` its first rows), a list of
+        rows ``{id?, prompt | messages, completion?, reference?}`` or ``{"jsonl": text}``. Rows without a
+        completion are generated with ``sampling``."""
+        return await self._client._run(
+            create_audit_call(
+                input,
+                limit=limit,
+                model=model,
+                adapter=adapter,
+                analysis=analysis,
+                saliency=saliency,
+                sampling=sampling,
+                reports=reports,
+                metadata=metadata,
+            )
+        )
+
+    async def list(self, limit: int = 20, after: str | None = None) -> list[Audit]:
+        return await self._client._run(list_audits_call(limit, after))
+
+    async def get(self, audit_id: str) -> Audit:
+        return await self._client._run(get_audit_call(audit_id))
+
+    async def cancel(self, audit_id: str) -> Audit:
+        return await self._client._run(cancel_audit_call(audit_id))
+
+    async def events(self, audit_id: str, after: int = 0) -> list[AuditEvent]:
+        return await self._client._run(audit_events_call(audit_id, after))
+
+    async def wait(
+        self,
+        audit_id: str,
+        on_progress: AuditProgressCallback | None = None,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,
+    ) -> Audit:
+        """Poll until the audit finishes; ``on_progress(audit, new_events)`` after each poll with news (its
+        ``request_counts`` say how far it is)."""
+        progress = _Progress(audit_id, on_progress, timeout, what="audit")
+        while True:
+            audit = await self.get(audit_id)
+            if progress.update(audit, await self.events(audit_id, after=progress.seen)):
+                return audit
+            await asyncio.sleep(poll_interval)
+
+    def results(self, audit_id: str) -> AsyncIterator[AuditResult]:
+        """One typed row per input row, in input order, streamed: ``async for row in
+        client.audits.results(audit_id)``."""
+        return self._client._lines(audit_results_call(audit_id))
+
+    async def report(self, audit_id: str) -> AuditReportSummary:
+        """The reports of a completed audit (409 ``ConflictError`` before)."""
+        return await self._client._run(audit_report_call(audit_id))
+
+    async def report_html(self, audit_id: str) -> str:
+        """The report as a self-contained HTML page."""
+        return await self._client._run(audit_report_html_call(audit_id))
+
+
 # -- the clients -----------------------------------------------------------------------------------------------
 class _Base:
     def __init__(self, base_url: str | None, api_key: str | None, timeout: float, max_retries: int) -> None:
@@ -471,23 +705,29 @@ class _Base:
 
 @dataclass
 class _Progress:
-    """What ``wait`` tracks between polls, shared by both clients."""
+    """What ``wait`` tracks between polls (of a job or an audit), shared by both clients."""
 
     job_id: str
-    on_progress: ProgressCallback | None
+    on_progress: Callable[[Any, list[Any]], None] | None
     timeout: float | None
     seen: int = 0
     started: float = field(default_factory=time.monotonic)
+    what: str = "job"
+    last: Any = None
 
-    def update(self, job: Job, new: list[JobEvent]) -> bool:
-        """Report news; True when the job is done. Raises TimeoutError past the deadline."""
+    def update(self, job: Job | Audit, new: list[Any]) -> bool:
+        """Report news (new events, or for an audit new counts); True when it is done. Raises TimeoutError
+        past the deadline."""
         self.seen += len(new)
-        if self.on_progress is not None and (new or job.finished):
+        counts = getattr(job, "request_counts", None)
+        moved = counts is not None and counts != self.last
+        self.last = counts
+        if self.on_progress is not None and (new or moved or job.finished):
             self.on_progress(job, new)
         if job.finished:
             return True
         if self.timeout is not None and time.monotonic() - self.started > self.timeout:
-            raise TimeoutError(f"job {self.job_id} still {job.status} after {self.timeout}s")
+            raise TimeoutError(f"{self.what} {self.job_id} still {job.status} after {self.timeout}s")
         return False
 
 
@@ -510,6 +750,7 @@ class Faithlens(_Base):
         self.models = Models(self)
         self.adapters = Adapters(self)
         self.jobs = Jobs(self)
+        self.audits = Audits(self)
 
     def __enter__(self) -> Faithlens:
         return self
@@ -534,9 +775,21 @@ class Faithlens(_Base):
             if delay is None:
                 assert response is not None
                 _raise_for(response)
-                return call.parse(response.json())
+                return call.parse(response.text if call.text else response.json())
             time.sleep(delay)
             attempt += 1
+
+    def _lines(self, call: Call[T | None]) -> Iterator[T]:
+        """An NDJSON answer, parsed line by line as it arrives."""
+        with self._http.stream(
+            call.method, call.path, json=call.json, params=call.params or None
+        ) as response:
+            if not response.is_success:
+                response.read()
+                _raise_for(response)
+            for line in response.iter_lines():
+                if (item := _ndjson_item(call, line)) is not None:
+                    yield item
 
     def _stream(self, call: Call[T | None]) -> Iterator[T]:
         with self._http.stream(
@@ -699,6 +952,7 @@ class AsyncFaithlens(_Base):
         self.models = AsyncModels(self)
         self.adapters = AsyncAdapters(self)
         self.jobs = AsyncJobs(self)
+        self.audits = AsyncAudits(self)
 
     async def __aenter__(self) -> AsyncFaithlens:
         return self
@@ -723,9 +977,21 @@ class AsyncFaithlens(_Base):
             if delay is None:
                 assert response is not None
                 _raise_for(response)
-                return call.parse(response.json())
+                return call.parse(response.text if call.text else response.json())
             await asyncio.sleep(delay)
             attempt += 1
+
+    async def _lines(self, call: Call[T | None]) -> AsyncIterator[T]:
+        """An NDJSON answer, parsed line by line as it arrives."""
+        async with self._http.stream(
+            call.method, call.path, json=call.json, params=call.params or None
+        ) as response:
+            if not response.is_success:
+                await response.aread()
+                _raise_for(response)
+            async for line in response.aiter_lines():
+                if (item := _ndjson_item(call, line)) is not None:
+                    yield item
 
     async def _stream(self, call: Call[T | None]) -> AsyncIterator[T]:
         async with self._http.stream(

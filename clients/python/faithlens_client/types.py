@@ -191,3 +191,84 @@ class Capabilities(_Model):
     @property
     def saliency_method_names(self) -> list[str]:
         return [m.name for m in self.saliency_methods]
+
+
+# -- audits at dataset scale (``/v1/audits``, shaped like OpenAI's Batch API) ------------------------------------
+AuditStatus = Literal[
+    "validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"
+]
+
+
+class AuditRequestCounts(_Model):
+    total: int
+    completed: int = 0  # rows analysed
+    failed: int = 0  # rows that could not be analysed (each result says why)
+
+
+class AuditError(_Model):
+    """Why a row (or the audit) failed; ``line`` is the 1-based input row when one is to blame."""
+
+    code: str
+    message: str
+    line: int | None = None
+
+
+class AuditErrors(_Model):
+    object: str = "list"
+    data: list[AuditError] = Field(default_factory=list)
+
+
+class Audit(_Model):
+    id: str
+    object: str = "audit"
+    status: AuditStatus
+    model: str
+    adapter: str | None = None
+    input: str | None = None  # inline, upload, gsm8k-dev or gsm8k-train
+    analysis: dict[str, Any] = Field(default_factory=dict)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    reports: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    owner: str | None = None
+    request_counts: AuditRequestCounts
+    shards: int | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    errors: AuditErrors | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+
+class AuditEvent(_Model):
+    object: str = "audit.event"
+    created_at: float
+    level: str = "info"
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class AuditResult(_Model):
+    """One line of ``/v1/audits/{id}/results``: one input row, in input order."""
+
+    id: str
+    index: int
+    text: str | None = None  # the analysed response (generated or given); None on error
+    annotations: Analysis | None = None
+    correct: bool | None = None  # the answer matches the row's reference; None without one
+    error: AuditError | None = None
+
+
+class AuditReportSummary(_Model):
+    """``/v1/audits/{id}/report``: the reports the audit asked for, by name (``summary``: aggregates with
+    bootstrap intervals, docs/annotations.md); their fields are kept as the server sends them."""
+
+    id: str
+    object: str = "audit.report"
+    summary: dict[str, Any] | None = None
