@@ -134,16 +134,19 @@ def _gap(a: Analysis) -> float | None:
     return None if cf is None else cf.random_k_logprob - cf.top_k_logprob
 
 
-# name -> (value per row, fixed histogram range or None)
-METRICS: dict[str, tuple[Callable[[Analysis], float | None], tuple[float, float] | None]] = {
+# How a metric is binned: a fixed range, INTEGER (whole numbers: one bin per value when few), or None.
+INTEGER = "integer"
+Binning = tuple[float, float] | str | None
+# name -> (value per row, binning)
+METRICS: dict[str, tuple[Callable[[Analysis], float | None], Binning]] = {
     "mean_fai": (lambda a: a.summary.mean_fai, None),
     "mean_waad": (lambda a: a.summary.mean_waad, None),
     "anchor_rate": (lambda a: _rate(a.summary.num_anchors, a.summary.num_response_tokens), (0.0, 1.0)),
     "preplan_rate": (lambda a: _rate(a.summary.num_preplan, a.summary.num_response_tokens), (0.0, 1.0)),
-    "coupled_pairs": (lambda a: a.summary.num_coupled_pairs, None),
-    "response_length": (lambda a: a.summary.num_response_tokens, None),
+    "coupled_pairs": (lambda a: a.summary.num_coupled_pairs, INTEGER),
+    "response_length": (lambda a: a.summary.num_response_tokens, INTEGER),
 }
-SALIENCY_METRICS: dict[str, tuple[Callable[[Analysis], float | None], tuple[float, float] | None]] = {
+SALIENCY_METRICS: dict[str, tuple[Callable[[Analysis], float | None], Binning]] = {
     "reasoning_saliency_share": (lambda a: a.summary.reasoning_saliency_share, (0.0, 1.0)),
     "prompt_saliency_share": (lambda a: a.summary.prompt_saliency_share, (0.0, 1.0)),
     "spearman_fai_saliency": (lambda a: a.summary.spearman_fai_saliency, (-1.0, 1.0)),
@@ -159,18 +162,16 @@ def _finite(values: Sequence[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and np.isfinite(v)]
 
 
-def histogram_edges(
-    values: Sequence[float | None], fixed: tuple[float, float] | None = None
-) -> list[float] | None:
-    """Bin edges for a metric: ``fixed`` split in 20, else one bin per integer for integer values spanning
-    at most 30, else 20 equal bins from min to max (one unit-wide bin around a constant)."""
+def histogram_edges(values: Sequence[float | None], binning: Binning = None) -> list[float] | None:
+    """Bin edges for a metric: a fixed ``binning`` range split in 20; for an ``INTEGER`` metric spanning at most 30,
+    one bin per integer; else 20 equal bins from min to max (one unit-wide bin around a constant)."""
     vals = _finite(values)
-    if fixed is not None:
-        return np.linspace(fixed[0], fixed[1], HISTOGRAM_BINS + 1).tolist()
+    if isinstance(binning, tuple):
+        return np.linspace(binning[0], binning[1], HISTOGRAM_BINS + 1).tolist()
     if not vals:
         return None
     lo, hi = min(vals), max(vals)
-    if all(v == int(v) for v in vals) and hi - lo <= _UNIT_BINS_MAX:
+    if binning == INTEGER and hi - lo <= _UNIT_BINS_MAX:
         return [lo - 0.5 + i for i in range(int(hi - lo) + 2)]
     if lo == hi:
         return [lo - 0.5, hi + 0.5]
@@ -189,13 +190,13 @@ def distribution(
     seed: int = 0,
     resamples: int = 1000,
     edges: list[float] | None = None,
-    fixed: tuple[float, float] | None = None,
+    binning: Binning = None,
 ) -> Distribution:
     """The ``Distribution`` of per-row values; ``None`` values are skipped and counted in ``missing``."""
     vals = _finite(values)
     mean, low, high = bootstrap_mean_ci(vals, seed=seed, resamples=resamples, confidence=CONFIDENCE)
     if edges is None:
-        edges = histogram_edges(vals, fixed)
+        edges = histogram_edges(vals, binning)
     if not vals:
         return Distribution(
             n=0, missing=len(values), mean=None, ci_low=None, ci_high=None, std=None, min=None, max=None,

@@ -141,7 +141,9 @@ def test_core_distributions_by_hand(report):
     # Integer-valued with a small range: one bin per integer, 0..3 for coupled pairs.
     hist = report.coupled_pairs.histogram
     assert hist.edges == [-0.5, 0.5, 1.5, 2.5, 3.5] and hist.counts == [1, 1, 0, 1]
-    # Rates bin over [0, 1] in 20 bins.
+    # Other figures: 20 equal bins from min to max; rates over [0, 1].
+    assert report.mean_waad.histogram.edges == pytest.approx([2 + i / 10 for i in range(21)])
+    assert report.mean_waad.histogram.counts[0] == 1 and report.mean_waad.histogram.counts[-1] == 1
     assert report.anchor_rate.histogram.edges[0] == 0 and report.anchor_rate.histogram.edges[-1] == 1
     assert sum(report.anchor_rate.histogram.counts) == 3
     for name in ("mean_fai", "mean_waad", "anchor_rate", "preplan_rate", "coupled_pairs", "response_length"):
