@@ -10,6 +10,9 @@ scripts. Server and key come from ``--base-url``/``--api-key`` or ``$FAITHLENS_B
     faithlens models
     faithlens capabilities                 # the saliency methods, credit strategies, ... the server offers
     faithlens jobs list --json             # --json, --base-url, --api-key go before or after the command
+    faithlens audits create --dataset gsm8k-dev --limit 50 --saliency atman --watch
+    faithlens audits results audit_... > results.jsonl
+    faithlens audits report audit_... --html report.html
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 from faithlens_client import Faithlens
 from faithlens_client.audit import AuditReport
 from faithlens_client.errors import FaithlensError, NotFoundError
-from faithlens_client.types import Generation, Job, JobEvent
+from faithlens_client.types import Audit, AuditEvent, Generation, Job, JobEvent
 
 
 def _dump(value: Any) -> str:
@@ -111,6 +114,75 @@ def _watch(client: Faithlens, job_id: str, as_json: bool) -> Job:
             progress.update(task, completed=job.step, stats=stats)
 
         return client.wait(job_id, on_progress=on_progress)
+
+
+def _print_audits(audits: list[Audit]) -> None:
+    for audit in audits:
+        n = audit.request_counts
+        failed = f" ({n.failed} failed)" if n.failed else ""
+        print(
+            f"{audit.id}  {audit.status:<11}  {n.completed + n.failed}/{n.total} rows{failed}  "
+            f"{audit.input or ''}  {audit.adapter or ''}".rstrip()
+        )
+
+
+def _watch_audit(client: Faithlens, audit_id: str, as_json: bool) -> Audit:
+    """Follow an audit until it finishes: a rich progress bar over its rows when rich is installed (else one
+    line per change); with ``as_json``, its events as JSON lines."""
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        Progress = None
+
+    if as_json or Progress is None:
+
+        def on_progress(audit: Audit, events: list[AuditEvent]) -> None:
+            n = audit.request_counts
+            if as_json:
+                for event in events:
+                    print(event.model_dump_json(), flush=True)
+            else:
+                print(f"[{audit.status}] {n.completed + n.failed}/{n.total} rows", flush=True)
+
+        return client.audits.wait(audit_id, on_progress=on_progress)
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rows"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns) as progress:
+        task = progress.add_task(audit_id, total=None, stats="")
+
+        def on_progress(audit: Audit, events: list[AuditEvent]) -> None:
+            n = audit.request_counts
+            stats = audit.status + (f" · {n.failed} failed" if n.failed else "")
+            progress.update(task, total=n.total, completed=n.completed + n.failed, stats=stats)
+
+        return client.audits.wait(audit_id, on_progress=on_progress)
+
+
+def _estimate(value: Any) -> str:
+    """``0.123 [0.101, 0.145]`` for a report's ``{mean, ci_low, ci_high}``."""
+    if not isinstance(value, dict) or value.get("mean") is None:
+        return "–"
+    low, high = value.get("ci_low"), value.get("ci_high")
+    interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{value['mean']:.3f}{interval}"
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    summary = report.get("summary") or {}
+    print(f"{report.get('id')}: {summary.get('n_rows', '?')} rows (means with 95% intervals)")
+    for name in ("mean_fai", "mean_waad", "anchor_rate", "preplan_rate", "coupled_pairs", "response_length"):
+        if name in summary:
+            print(f"  {name:<16} {_estimate(summary[name])}")
+    references = summary.get("references")
+    if isinstance(references, dict):
+        print(
+            f"  {'accuracy':<16} {_estimate(references.get('accuracy'))}  ({references.get('n_rows')} rows)"
+        )
 
 
 class UsageError(Exception):
@@ -265,6 +337,80 @@ def cmd_jobs_watch(args: argparse.Namespace, client: Faithlens) -> int:
     return 0 if job.status == "succeeded" else 1
 
 
+def cmd_audits_create(args: argparse.Namespace, client: Faithlens) -> int:
+    _check_saliency(client, args.saliency)
+    source: str | dict[str, Any]
+    if args.file:
+        with open(args.file, encoding="utf-8") as fh:
+            source = {"jsonl": fh.read()}
+    else:
+        source = args.dataset
+    metadata = dict(item.partition("=")[::2] for item in args.metadata) or None
+    audit = client.audits.create(
+        source,
+        limit=args.limit,
+        adapter=args.adapter,
+        saliency=args.saliency,
+        sampling={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None,
+        metadata=metadata,
+    )
+    print(_dump(audit) if args.json else audit.id, flush=True)
+    if args.watch:
+        audit = _watch_audit(client, audit.id, args.json)
+        if not args.json:
+            _print_audits([audit])
+        return 0 if audit.status == "completed" else 1
+    return 0
+
+
+def cmd_audits_list(args: argparse.Namespace, client: Faithlens) -> int:
+    audits = client.audits.list(limit=args.limit)
+    print(_dump(audits)) if args.json else _print_audits(audits)
+    return 0
+
+
+def cmd_audits_get(args: argparse.Namespace, client: Faithlens) -> int:
+    audit = client.audits.get(args.audit_id)
+    print(_dump(audit)) if args.json else _print_audits([audit])
+    return 0
+
+
+def cmd_audits_cancel(args: argparse.Namespace, client: Faithlens) -> int:
+    audit = client.audits.cancel(args.audit_id)
+    print(_dump(audit) if args.json else f"{audit.id}: {audit.status}")
+    return 0
+
+
+def cmd_audits_watch(args: argparse.Namespace, client: Faithlens) -> int:
+    audit = _watch_audit(client, args.audit_id, args.json)
+    if not args.json:
+        _print_audits([audit])
+    return 0 if audit.status == "completed" else 1
+
+
+def cmd_audits_results(args: argparse.Namespace, client: Faithlens) -> int:
+    """One JSON line per row, in input order, written as the server streams them (always JSON)."""
+    for row in client.audits.results(args.audit_id):
+        sys.stdout.write(row.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_audits_report(args: argparse.Namespace, client: Faithlens) -> int:
+    if args.html:
+        page = client.audits.report_html(args.audit_id)
+        with open(args.html, "w", encoding="utf-8") as fh:
+            fh.write(page)
+    report = client.audits.report(args.audit_id)
+    if args.json:
+        print(_dump(report))
+    else:
+        _print_report(report.model_dump(mode="json"))
+        if args.html:
+            print(f"wrote {args.html}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------------------
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """``--base-url``, ``--api-key`` and ``--json``, accepted before or after any subcommand. Subcommands
@@ -333,6 +479,35 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", cmd_jobs_cancel, "stop a job"),
     ):
         command(jobs, name, handler, help=text).add_argument("job_id")
+
+    audits = command(sub, "audits", help="audits of whole datasets").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    acreate = command(audits, "create", cmd_audits_create, help="audit a dataset (prints the audit id)")
+    source = acreate.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--file", help="a JSONL file, one row per line: {id?, prompt | messages, completion?, reference?}"
+    )
+    source.add_argument("--dataset", help="a server dataset: gsm8k-dev or gsm8k-train")
+    acreate.add_argument("--limit", type=int, help="the dataset's first N rows")
+    acreate.add_argument("--saliency", metavar="METHOD", help="see `faithlens capabilities`")
+    acreate.add_argument("--adapter")
+    acreate.add_argument("--max-new-tokens", type=int, help="for rows without a completion")
+    acreate.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    acreate.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
+    command(audits, "list", cmd_audits_list, help="recent audits").add_argument(
+        "--limit", type=int, default=20
+    )
+    for name, handler, text in (
+        ("get", cmd_audits_get, "one audit"),
+        ("watch", cmd_audits_watch, "follow an audit until it finishes"),
+        ("cancel", cmd_audits_cancel, "stop an audit (finished rows keep their results)"),
+        ("results", cmd_audits_results, "one JSON line per row, in input order (> out.jsonl)"),
+    ):
+        command(audits, name, handler, help=text).add_argument("audit_id")
+    areport = command(audits, "report", cmd_audits_report, help="the report of a completed audit")
+    areport.add_argument("audit_id")
+    areport.add_argument("--html", metavar="FILE", help="also write the HTML report page to FILE")
 
     adapters = command(sub, "adapters", help="served adapters").add_subparsers(
         dest="action", required=True, metavar="ACTION"
