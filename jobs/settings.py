@@ -45,6 +45,20 @@ class QueueSettings(BaseSettings):
         description="A job younger than this is never re-sent (its message may still be on its way).",
     )
 
+    audit_queue: str = Field(
+        default="faithlens-audits", description="The Celery queue audit shards are sent to."
+    )
+    audit_shard_size: int = Field(
+        default=8, ge=1, le=10000, description="Rows per audit shard (one task each)."
+    )
+    max_audit_rows: int = Field(default=10000, ge=1, description="Rows one audit may hold.")
+    max_audit_row_cost: float = Field(
+        default=300000.0,
+        gt=0,
+        description="An audit row's analysis cost limit, in forward-token units (faithlens/cost.py); higher "
+        "than the interactive FAITHLENS_MAX_ANALYSIS_COST since audits run on the workers.",
+    )
+
     @property
     def redis(self) -> str:
         """The Redis URL, or the local default when REDIS_URL is unset."""

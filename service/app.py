@@ -30,7 +30,7 @@ from service import hotload
 from service.adapters import AdapterRegistry
 from service.errors import install_error_handlers
 from service.limits import BodySizeLimit, CallerGuard, FiniteJSON, is_loopback
-from service.routes import admin, capabilities, jobs, native, openai, ops, ui
+from service.routes import admin, audits, capabilities, jobs, native, openai, ops, ui
 from service.settings import ServiceSettings, get_service_settings
 from service.state import ServerState
 from service.telemetry import Telemetry
@@ -161,7 +161,7 @@ def create_app(
     app.state.redis_configured = bool(layers.queue.redis_url)
     app.state.faithlens = None
     install_error_handlers(app)
-    for module in (native, capabilities, openai, admin, jobs, ops, ui):
+    for module in (native, capabilities, openai, admin, jobs, audits, ops, ui):
         app.include_router(module.router)
     # The last added runs first: metrics see every answer; the caller guard answers before any body is
     # read; then the size limit; the JSON check reads the (limited) body.

@@ -1,6 +1,6 @@
-"""``python -m workers``: a Celery worker for fine-tuning jobs (equivalently:
-``celery -A workers.app worker -Q faithlens-jobs --pool prefork --concurrency 1``; the queue is
-FAITHLENS_JOB_QUEUE)."""
+"""``python -m workers``: a Celery worker for fine-tuning jobs and audit shards (equivalently:
+``celery -A workers.app worker -Q faithlens-jobs,faithlens-audits --pool prefork --concurrency 1``; the
+queues are FAITHLENS_JOB_QUEUE and FAITHLENS_AUDIT_QUEUE)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     args = [
         "worker",
         "-Q",
-        settings.job_queue,
+        f"{settings.job_queue},{settings.audit_queue}",
         "--pool",
         "prefork",
         "--concurrency",

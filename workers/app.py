@@ -17,6 +17,7 @@ from celery import Celery
 from celery.signals import worker_ready
 
 from faithlens.settings import get_core_settings
+from jobs.audits import RUN_AUDIT_SHARD_TASK, AuditStore
 from jobs.journal import Journal
 from jobs.models import RUN_JOB_TASK
 from jobs.reaper import Reaper
@@ -69,9 +70,20 @@ def _reap_forever() -> None:
         app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue.job_queue)
 
     reaper = Reaper(store, journal, send, queue.job_queue, grace_s=queue.reaper_grace_s)
+    audits = AuditStore(queue.redis, patient=True)
+
+    def send_shard(audit_id: str, shard: int) -> None:
+        app.send_task(RUN_AUDIT_SHARD_TASK, args=[audit_id, shard], queue=queue.audit_queue)
+
     while True:
         try:
             reaper.run_once()
         except Exception:  # Redis down, a bad record: try again next round, never stop reaping
             log.exception("reaper pass failed")
+        try:  # audits: lost shard messages re-sent (workers/audits.py)
+            from workers.audits import reap_audits  # torch and the model code: in the reaper thread only
+
+            reap_audits(audits, send_shard, queue.audit_queue, grace_s=queue.reaper_grace_s)
+        except Exception:
+            log.exception("audit reaper pass failed")
         time.sleep(queue.reaper_interval_s)
