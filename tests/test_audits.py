@@ -317,3 +317,23 @@ def test_audits_belong_to_their_key(stack, tmp_path):
             assert c.post(f"/v1/audits/{audit['id']}/cancel", headers=alice).json()["status"] == "cancelled"
     finally:
         server.stop()
+
+
+def test_a_lost_shard_message_is_resent_by_the_reaper(stack):
+    """Every message of an audit vanishes from the queue before any worker sees it: the reaper (in each
+    worker's main process) re-sends the unfinished shards and the audit completes."""
+    server, env, work, url = stack
+    with server.client() as c:
+        audit = create(c, input=[{"prompt": f"p{i}", "completion": " 1"} for i in range(8)])
+        assert audit["shards"] == 2
+        redis.Redis.from_url(url).delete(env["FAITHLENS_AUDIT_QUEUE"])  # the messages are lost
+        (worker,) = start_workers({**env, "FAITHLENS_REAPER_GRACE_S": "0"}, work, 1)
+        try:
+            done = wait(c, audit["id"], {"completed", "failed", "cancelled"}, timeout=120)
+            assert done["status"] == "completed", done
+            events = c.get(f"/v1/audits/{audit['id']}/events").json()["data"]
+            resent = {e["message"].split()[1] for e in events if "re-sent" in e["message"]}
+            assert resent == {"0", "1"}
+            assert [line["index"] for line in results(c, audit["id"])] == list(range(8))
+        finally:
+            worker.stop()
