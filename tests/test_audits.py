@@ -337,3 +337,28 @@ def test_a_lost_shard_message_is_resent_by_the_reaper(stack):
             assert [line["index"] for line in results(c, audit["id"])] == list(range(8))
         finally:
             worker.stop()
+
+
+def test_cancel_stops_the_workers_at_the_next_row(stack):
+    server, env, work, url = stack
+    (worker,) = start_workers(env, work, 1)
+    try:
+        rows = [{"prompt": f"Count to {i}:"} for i in range(40)]
+        with server.client() as c:
+            audit = create(c, input=rows, sampling={"max_new_tokens": 48})
+            deadline = time.monotonic() + 120
+            while not finished_events(c, audit["id"]):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            r = c.post(f"/v1/audits/{audit['id']}/cancel")
+            assert r.status_code == 200 and r.json()["status"] in {"cancelling", "cancelled"}
+            done = wait(c, audit["id"], {"completed", "failed", "cancelled"}, timeout=60)
+            assert done["status"] == "cancelled" and done["cancelled_at"] is not None
+            lines = results(c, audit["id"])
+            assert [line["index"] for line in lines] == list(range(40))
+            ran = [line for line in lines if line["error"] is None]
+            assert 4 <= len(ran) < 40 and len(ran) % 4 == 0  # whole shards only
+            assert {line["error"]["code"] for line in lines if line["error"]} == {"not_processed"}
+            assert AuditStore(url).leases_held(audit["id"], done["shards"]) == 0
+    finally:
+        worker.stop()
