@@ -18,7 +18,7 @@ import redis
 
 from faithlens.tiny import save_tiny
 from jobs.audits import AuditStore
-from tests.servers import start_server
+from tests.servers import make_adapter, start_server
 from tests.test_job_store import private_redis
 from tests.test_jobs import KEYS, Worker
 
@@ -360,5 +360,43 @@ def test_cancel_stops_the_workers_at_the_next_row(stack):
             assert 4 <= len(ran) < 40 and len(ran) % 4 == 0  # whole shards only
             assert {line["error"]["code"] for line in lines if line["error"]} == {"not_processed"}
             assert AuditStore(url).leases_held(audit["id"], done["shards"]) == 0
+    finally:
+        worker.stop()
+
+
+def test_an_audit_with_an_adapter_equals_the_served_adapter(stack):
+    """``adapter`` names a loaded adapter; the workers load its files from the store, and every row
+    equals what the server answers with that adapter."""
+    server, env, work, _ = stack
+    make_adapter(Path(env["FAITHLENS_MODEL"]), server.store / "style" / "1", seed=3)
+    (worker,) = start_workers(env, work, 1)
+    try:
+        rows = [
+            {"prompt": "Two plus two?", "completion": " 4, so the answer is 4."},
+            {"messages": [{"role": "user", "content": "Three plus four?"}]},
+        ]
+        with server.client(timeout=120) as c:
+            r = c.post("/v1/adapters/load", json={"name": "style", "path": "style/1"})
+            assert r.status_code == 200, r.text
+            audit = create(c, input=rows, adapter="style")
+            assert audit["adapter"] == "style"
+            done = wait(c, audit["id"], {"completed", "failed", "cancelled"})
+            assert done["status"] == "completed", done
+            lines = results(c, audit["id"])
+            served = [
+                c.post("/v1/analyze", json={**rows[0], "adapter": "style", "analysis": ANALYSIS}).json(),
+                c.post(
+                    "/v1/generate", json={**rows[1], **SAMPLING, "adapter": "style", "analysis": ANALYSIS}
+                ).json(),
+            ]
+            base = c.post("/v1/analyze", json={**rows[0], "analysis": ANALYSIS}).json()
+            for line, expected in zip(lines, served, strict=True):
+                assert line["error"] is None, line
+                assert line["text"] == expected["text"]
+                assert without_timings(line["annotations"]) == without_timings(expected["annotations"])
+            assert line["annotations"]["adapter"] == "style"
+            assert without_timings(lines[0]["annotations"]) != without_timings(base["annotations"])
+            unknown = c.post("/v1/audits", json={"input": rows, "adapter": "nope"})
+            assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     finally:
         worker.stop()
