@@ -34,7 +34,9 @@ MAX_EXAMPLES = 50  # per operation
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
-    queue = f"faithlens-jobs-fuzz-{uuid.uuid4().hex[:8]}"
+    suffix = uuid.uuid4().hex[:8]
+    queue = f"faithlens-jobs-fuzz-{suffix}"
+    audit_queue = f"faithlens-audits-fuzz-{suffix}"
     tiny = save_tiny(tmp_path_factory.mktemp("tiny-fuzz") / "tiny-llama")
     srv = start_server(
         tmp_path_factory.mktemp("srv-fuzz"),
@@ -43,13 +45,14 @@ def small_server(tmp_path_factory):
         FAITHLENS_MAX_PROMPT_TOKENS="96",
         FAITHLENS_MAX_RL_STEPS="3",
         FAITHLENS_MAX_QUEUE="256",
-        # Fuzzed jobs that happen to be valid go to a queue of their own, which no worker reads (and
-        # which is dropped at the end).
+        # Fuzzed jobs and audits that happen to be valid go to queues of their own, which no worker
+        # reads (and which are dropped at the end).
         FAITHLENS_JOB_QUEUE=queue,
+        FAITHLENS_AUDIT_QUEUE=audit_queue,
     )
     yield srv
     srv.stop()
-    redis.Redis.from_url(REDIS_URL).delete(queue)
+    redis.Redis.from_url(REDIS_URL).delete(queue, audit_queue)
 
 
 def test_schemathesis_finds_no_server_errors_and_responses_match_the_schema(small_server, tmp_path):
