@@ -58,6 +58,7 @@ bench-smoke: setup-dev
 	$(PY) bench/serve.py --smoke
 	$(PY) bench/grpo.py --smoke
 	$(PY) bench/decode.py --smoke
+	$(PY) bench/audit.py --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
