@@ -16,6 +16,8 @@ import httpx
 import pytest
 import redis
 
+from faithlens.report import RowOutcome, summarize
+from faithlens.schema import Analysis
 from faithlens.tiny import save_tiny
 from jobs.audits import AuditStore
 from tests.servers import make_adapter, start_server
@@ -160,7 +162,12 @@ def test_audit_completes_equals_analyze_and_two_workers_share_it(stack):
             assert Counter(r["shard"] for r in runs) == Counter(range(10))
             report = c.get(f"/v1/audits/{audit['id']}/report")
             assert report.status_code == 200, report.text
-            assert report.json()["summary"] is not None
+            # the report's numbers are a recomputation from the results the client can read
+            recomputed = summarize(
+                [RowOutcome(Analysis.model_validate(line["annotations"]), line["correct"]) for line in lines]
+            )
+            assert report.json()["summary"] == json.loads(json.dumps(recomputed.model_dump(mode="json")))
+            assert report.json()["summary"]["references"] is not None  # some rows have references
             page = c.get(f"/v1/audits/{audit['id']}/report", params={"format": "html"})
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
             listed = c.get("/v1/audits").json()["data"]
