@@ -19,7 +19,6 @@ twice, and a redelivered shard whose marker exists is skipped. Every change to t
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from jobs.models import IllegalTransition
-from jobs.store import MAX_ATTEMPTS, PREFIX, StoreContention
+from jobs.store import PREFIX, update_record, watched
 
 RUN_AUDIT_SHARD_TASK = "faithlens.run_audit_shard"
 AuditStatus = Literal[
@@ -221,29 +220,7 @@ class AuditStore:
     def _transact(
         self, audit_id: str, change: Change, also: Callable[[redis.client.Pipeline], object] | None = None
     ) -> Audit:
-        key = self._key(audit_id)
-        with self.redis.pipeline() as pipe:
-            for _ in range(MAX_ATTEMPTS):
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise KeyError(audit_id)
-                    audit = Audit.model_validate_json(raw)
-                    fields = change(audit)
-                    updated = Audit.model_validate({**audit.model_dump(), **fields}) if fields else audit
-                    pipe.multi()
-                    if fields:
-                        pipe.set(key, updated.model_dump_json())
-                    if also is not None:
-                        also(pipe)
-                    pipe.execute()
-                    return updated
-                except redis.WatchError:
-                    time.sleep(random.uniform(0, 0.002))
-                finally:
-                    pipe.reset()
-        raise StoreContention(f"audit {audit_id}: {MAX_ATTEMPTS} conflicting writes in a row")
+        return update_record(self.redis, self._key(audit_id), Audit, audit_id, change, also)[0]
 
     # -- rows, shards, results -------------------------------------------------------------------------
     def spec(self, audit_id: str) -> dict[str, Any]:
@@ -284,43 +261,37 @@ class AuditStore:
             message=f"shard {shard} finished ({len(results)} rows, {failed} failed)",
             data={"shard": shard, "worker": worker, "rows": len(results), "failed": failed},
         )
-        with self.redis.pipeline() as pipe:
-            for _ in range(MAX_ATTEMPTS):
-                try:
-                    pipe.watch(key, done)
-                    if pipe.exists(done):
-                        raise ShardAlreadyDone(f"audit {audit_id} shard {shard}")
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise KeyError(audit_id)
-                    audit = Audit.model_validate_json(raw)
-                    counts = audit.request_counts
-                    updated = audit.model_copy(
-                        update={
-                            "request_counts": RequestCounts(
-                                total=counts.total,
-                                completed=counts.completed + len(results) - failed,
-                                failed=counts.failed + failed,
-                            )
-                        }
+
+        def body(pipe: redis.client.Pipeline) -> Audit:
+            if pipe.exists(done):
+                raise ShardAlreadyDone(f"audit {audit_id} shard {shard}")
+            raw = pipe.get(key)
+            if raw is None:
+                raise KeyError(audit_id)
+            audit = Audit.model_validate_json(raw)
+            counts = audit.request_counts
+            updated = audit.model_copy(
+                update={
+                    "request_counts": RequestCounts(
+                        total=counts.total,
+                        completed=counts.completed + len(results) - failed,
+                        failed=counts.failed + failed,
                     )
-                    pipe.multi()
-                    if results:
-                        pipe.hset(
-                            self._key(audit_id, "results"),
-                            mapping={str(i): json.dumps(r) for i, r in results.items()},
-                        )
-                    marker = {"worker": worker, "finished_at": time.time(), "rows": len(results)}
-                    pipe.set(done, json.dumps(marker))
-                    pipe.set(key, updated.model_dump_json())
-                    pipe.rpush(self._key(audit_id, "events"), event.model_dump_json())
-                    pipe.execute()
-                    return updated
-                except redis.WatchError:
-                    time.sleep(random.uniform(0, 0.002))
-                finally:
-                    pipe.reset()
-        raise StoreContention(f"audit {audit_id}: {MAX_ATTEMPTS} conflicting writes in a row")
+                }
+            )
+            pipe.multi()
+            if results:
+                pipe.hset(
+                    self._key(audit_id, "results"),
+                    mapping={str(i): json.dumps(r) for i, r in results.items()},
+                )
+            marker = {"worker": worker, "finished_at": time.time(), "rows": len(results)}
+            pipe.set(done, json.dumps(marker))
+            pipe.set(key, updated.model_dump_json())
+            pipe.rpush(self._key(audit_id, "events"), event.model_dump_json())
+            return updated
+
+        return watched(self.redis, [key, done], body, f"audit {audit_id}")
 
     def results(self, audit_id: str, indices: list[int]) -> list[dict | None]:
         if not indices:

@@ -17,9 +17,10 @@ import json
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
+from pydantic import BaseModel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -48,6 +49,57 @@ class StoreContention(RuntimeError):
 
 
 Change = Callable[[Job], dict[str, Any]]
+
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+def watched(client: redis.Redis, keys: list[str], body: Callable[[redis.client.Pipeline], T], what: str) -> T:
+    """Optimistic concurrency: run ``body`` with ``keys`` WATCHed. It reads through the pipeline, calls
+    ``pipe.multi()`` and queues its writes; if anyone wrote a watched key in between, nothing is written and
+    ``body`` runs again from a fresh read."""
+    with client.pipeline() as pipe:
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                pipe.watch(*keys)
+                result = body(pipe)
+                pipe.execute()
+                return result
+            except redis.WatchError:
+                time.sleep(random.uniform(0, 0.002))
+            finally:
+                pipe.reset()
+    raise StoreContention(f"{what}: {MAX_ATTEMPTS} conflicting writes in a row")
+
+
+def update_record(
+    client: redis.Redis,
+    key: str,
+    model: type[M],
+    ident: str,
+    change: Callable[[M], dict[str, Any]],
+    also: Callable[[redis.client.Pipeline], object] | None = None,
+) -> tuple[M, bool]:
+    """Read the JSON record at ``key``, let ``change`` compute its new fields (or raise), and write them
+    (plus whatever ``also`` queues) atomically; KeyError(``ident``) when there is no record. Returns the
+    record as written and whether any field changed."""
+
+    def body(pipe: redis.client.Pipeline) -> tuple[M, bool]:
+        raw = pipe.get(key)
+        if raw is None:
+            raise KeyError(ident)
+        record = model.model_validate_json(raw)
+        fields = change(record)
+        updated = model.model_validate({**record.model_dump(), **fields}) if fields else record
+        pipe.multi()
+        if fields:
+            pipe.set(key, updated.model_dump_json())
+        if also is not None:
+            also(pipe)
+        return updated, bool(fields)
+
+    return watched(client, [key], body, f"{model.__name__.lower()} {ident}")
 
 
 class JobStore:
@@ -131,30 +183,8 @@ class JobStore:
         key = self._key(job_id)
         if self.journal is not None and not self.redis.exists(key):
             self._restore_from_journal(job_id)
-        with self.redis.pipeline() as pipe:
-            for _ in range(MAX_ATTEMPTS):
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        raise KeyError(job_id)
-                    job = Job.model_validate_json(raw)
-                    fields = change(job)
-                    updated = Job.model_validate({**job.model_dump(), **fields}) if fields else job
-                    pipe.multi()
-                    if fields:
-                        pipe.set(key, updated.model_dump_json())
-                    if also is not None:
-                        also(pipe)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    time.sleep(random.uniform(0, 0.002))
-                finally:
-                    pipe.reset()
-            else:
-                raise StoreContention(f"job {job_id}: {MAX_ATTEMPTS} conflicting writes in a row")
-        if fields and self.journal is not None:
+        updated, changed = update_record(self.redis, key, Job, job_id, change, also)
+        if changed and self.journal is not None:
             self.journal.write(updated)
         return updated
 

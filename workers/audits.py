@@ -24,7 +24,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from faithlens.generation import generate
 from faithlens.model import LoadedModel, encode_completion, encode_prompt, load_model, unwrap
 from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.schema import Analysis
-from faithlens.settings import CoreSettings, get_core_settings
+from faithlens.settings import CoreSettings
 from jobs.audits import (
     TERMINAL,
     Audit,
@@ -48,8 +47,8 @@ from jobs.audits import (
 )
 from jobs.journal import inside
 from jobs.models import IllegalTransition
-from jobs.settings import QueueSettings, get_queue_settings
 from jobs.store import PREFIX
+from workers.runner import WorkerSettings
 
 log = logging.getLogger("faithlens.worker")
 
@@ -71,16 +70,6 @@ class RowError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    core: CoreSettings
-    queue: QueueSettings
-
-    @classmethod
-    def from_env(cls) -> AuditSettings:
-        return cls(get_core_settings(), get_queue_settings())
 
 
 def set_threads(core: CoreSettings, concurrency: int) -> None:
@@ -279,11 +268,11 @@ def run_shard(
     worker: str,
     lease_id: str | None = None,
     concurrency: int = 1,
-    settings: AuditSettings | None = None,
+    settings: WorkerSettings | None = None,
 ) -> str:
     """Run shard ``shard`` of the audit on ``worker`` (its hostname, recorded with the shard's runs and
     its ``done`` marker); ``lease_id`` tells this delivery apart (default: ``worker``)."""
-    settings = settings or AuditSettings.from_env()
+    settings = settings or WorkerSettings.from_env()
     store = AuditStore(settings.queue.redis, patient=True)
     audit = store.get(audit_id)
     if audit is None:
@@ -319,7 +308,7 @@ def _run_leased(
     shard: int,
     worker: str,
     concurrency: int,
-    settings: AuditSettings,
+    settings: WorkerSettings,
     heartbeat: _Heartbeat,
 ) -> str:
     if store.cancel_requested(audit.id):
