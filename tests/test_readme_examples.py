@@ -3,8 +3,7 @@
 Blocks are picked by their section's heading (``SECTIONS``), so a new example there is covered without
 touching this file. Shell blocks run with bash (``-e -o pipefail``) with the venv's ``bin`` first on PATH, so
 ``faithlens`` is the venv's console script; Python blocks run with the venv's python. Both find the server
-through ``$FAITHLENS_BASE_URL``, which the SDK and the CLI read. ``<!-- readme-test: skip (reason) -->`` on
-the line before a block (blank lines between allowed) skips that block, with the reason in the report."""
+through ``$FAITHLENS_BASE_URL``, which the SDK and the CLI read. Every block runs: there is no way to skip one."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from tests.test_jobs import Worker
 README = REPO / "README.md"
 SECTIONS = ("Python SDK and CLI",)
 LANGUAGES = {"python": "python", "py": "python", "bash": "bash", "shell": "bash", "sh": "bash"}
-SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<reason>.*)\)\s*-->")
 BIN = Path(sys.executable).parent
 
 
@@ -36,7 +34,6 @@ class Block:
     line: int  # 1-based line of the opening fence
     language: str  # "python" or "bash"
     code: str
-    skip: str | None  # the reason, when the README marks the block as not runnable here
 
     @property
     def id(self) -> str:
@@ -49,7 +46,6 @@ def readme_blocks(text: str, sections: tuple[str, ...] = SECTIONS) -> list[Block
     lines = text.splitlines()
     blocks: list[Block] = []
     section: str | None = None
-    skip: str | None = None
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -57,16 +53,11 @@ def readme_blocks(text: str, sections: tuple[str, ...] = SECTIONS) -> list[Block
             end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
             language = LANGUAGES.get(line[3:].strip().lower())
             if section in sections and language is not None:
-                blocks.append(Block(section, i + 1, language, "\n".join(lines[i + 1 : end]) + "\n", skip))
-            skip = None
+                blocks.append(Block(section, i + 1, language, "\n".join(lines[i + 1 : end]) + "\n"))
             i = end + 1
             continue
         if line.startswith("## "):
             section = line[3:].strip()
-        if match := SKIP.search(line):
-            skip = match["reason"].strip() or "no reason given"
-        elif line.strip():
-            skip = None
         i += 1
     return blocks
 
@@ -81,17 +72,13 @@ def test_the_sections_exist_and_hold_examples():
     assert {b.language for b in BLOCKS} == {"python", "bash"}
 
 
-def test_block_extraction_honours_the_skip_marker():
+def test_block_extraction_takes_code_blocks_of_the_named_sections_only():
     text = (
-        "## Python SDK and CLI\n\n```python\nprint(1)\n```\n\n"
-        "<!-- readme-test: skip (needs a GPU) -->\n\n```bash\nnvidia-smi\n```\n\n"
+        "## Python SDK and CLI\n\n```python\nprint(1)\n```\n\n```bash\necho yes\n```\n\n"
         "```text\nnot code\n```\n## Other\n\n```bash\necho no\n```\n"
     )
     blocks = readme_blocks(text)
-    assert [(b.language, b.code, b.skip) for b in blocks] == [
-        ("python", "print(1)\n", None),
-        ("bash", "nvidia-smi\n", "needs a GPU"),
-    ]
+    assert [(b.language, b.code) for b in blocks] == [("python", "print(1)\n"), ("bash", "echo yes\n")]
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +110,6 @@ def stack(tmp_path_factory):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_readme_example_runs(block: Block, stack, tmp_path):
-    if block.skip:
-        pytest.skip(f"README.md:{block.line} marked not runnable here: {block.skip}")
     server, worker = stack
     env = {**os.environ, "FAITHLENS_BASE_URL": server.url, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("FAITHLENS_API_KEY", None)
