@@ -56,23 +56,46 @@ class SequenceMetrics(ProbeMetrics):
     layers: list[int]
     logprobs: torch.Tensor | None  # response-relative; NaN for a first token with no context
     timings: dict[str, float] = field(default_factory=dict)
+    next_token: NextTokenStats | None = None  # with logprobs: entropies and (if asked) top-k ids too
 
 
-def _response_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, prompt_len: int, chunk: int = 64
-) -> torch.Tensor:
-    """log p(x_t | x_<t) for response positions, with the LM head applied in chunks (no N×V logits)."""
+@dataclass
+class NextTokenStats:
+    """What the model's next-token distributions say about the response tokens (response-relative rows;
+    NaN, or -1 ids, for a first token with no context)."""
+
+    logprobs: torch.Tensor  # log p(x_t | x_<t)
+    entropy: torch.Tensor  # −Σ_v p_v log p_v of the distribution that produced x_t, in nats (spec §11)
+    top_ids: torch.Tensor | None  # (rows, top_k) the most likely tokens there, most likely first
+
+
+def _next_token_stats(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    prompt_len: int,
+    top_k: int = 0,
+    chunk: int = 64,
+) -> NextTokenStats:
+    """Log-probs, entropies and top-k ids at the response positions, with the LM head applied in chunks
+    (no N×V logits)."""
     head = model.get_output_embeddings()
     n = input_ids.shape[-1]
-    out = torch.full((n - prompt_len,), float("nan"), dtype=torch.float32)
+    rows = n - prompt_len
+    logprobs = torch.full((rows,), float("nan"), dtype=torch.float32)
+    entropy = torch.full((rows,), float("nan"), dtype=torch.float32)
+    top_ids = torch.full((rows, top_k), -1, dtype=torch.long) if top_k else None
     first = max(prompt_len, 1)
     for t0 in range(first, n, chunk):
         checkpoint()  # one chunk of the LM head is one unit of work (faithlens.slicing)
         t1 = min(n, t0 + chunk)
-        logits = head(hidden[0, t0 - 1 : t1 - 1]).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        out[t0 - prompt_len : t1 - prompt_len] = logp.gather(-1, input_ids[0, t0:t1, None])[:, 0].cpu()
-    return out
+        logp = torch.log_softmax(head(hidden[0, t0 - 1 : t1 - 1]).float(), dim=-1)
+        rel = slice(t0 - prompt_len, t1 - prompt_len)
+        logprobs[rel] = logp.gather(-1, input_ids[0, t0:t1, None])[:, 0].cpu()
+        entropy[rel] = -(logp.exp() * logp).sum(-1).cpu()
+        if top_ids is not None:
+            top_ids[rel] = logp.topk(top_k, dim=-1).indices.cpu()
+    return NextTokenStats(logprobs, entropy, top_ids)
 
 
 def _collect_heads(probe: AttentionProbe, layers: list[int], n: int, prompt_len: int):
@@ -154,8 +177,11 @@ def compute_metrics(
     with_logprobs: bool = True,
     heads: FixedHeads | None = None,
     compute: ComputeOptions | None = None,
+    top_k: int = 0,
 ) -> SequenceMetrics:
-    """One scoring forward pass over prompt+response, streaming per-head metrics (spec §1–5)."""
+    """One scoring forward pass over prompt+response, streaming per-head metrics (spec §1–5); with
+    ``with_logprobs``, the response tokens' log-probs and entropies, and their ``top_k`` likeliest
+    alternatives from the same pass."""
     params = params or AnalysisParams()
     if not 0 <= prompt_len < len(input_ids):
         raise ValueError("the response must have at least one token")
@@ -165,7 +191,7 @@ def compute_metrics(
     started = time.perf_counter()
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=ids, use_cache=False, faithlens_probe=probe).last_hidden_state
-    logprobs = _response_logprobs(model, hidden, ids, prompt_len) if with_logprobs else None
+    stats = _next_token_stats(model, hidden, ids, prompt_len, top_k) if with_logprobs else None
     scored = time.perf_counter()
     found = metrics_from_probe(probe, len(input_ids), params, heads)
     return SequenceMetrics(
@@ -173,8 +199,9 @@ def compute_metrics(
         input_ids=list(input_ids),
         prompt_len=prompt_len,
         layers=probe.layers,
-        logprobs=logprobs,
+        logprobs=stats.logprobs if stats else None,
         timings={"scoring": scored - started, "metrics": time.perf_counter() - scored},
+        next_token=stats,
     )
 
 

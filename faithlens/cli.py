@@ -1,4 +1,4 @@
-"""Developer CLI: ``python -m faithlens {analyze,generate,demo}``.
+"""Developer CLI: ``python -m faithlens {analyze,generate,demo,study}``.
 
 Not the product CLI (that is ``faithlens`` from the client package); this one runs the model in-process.
 """
@@ -23,6 +23,7 @@ from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.saliency import SALIENCY_METHODS
 from faithlens.schema import Analysis
 from faithlens.settings import get_core_settings
+from faithlens.study.cli import add_study_parser, run_study
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (p_an, p_gen, p_demo):
         _add_model_args(p)
         _add_analysis_args(p)
+    add_study_parser(sub)
     return parser
 
 
@@ -146,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "study":
+        return run_study(lm, args)
     if args.command == "analyze":
         prompt_ids = lm.prompt_ids(args.prompt, chat=args.chat)
         completion = lm.completion_ids(args.completion)

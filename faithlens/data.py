@@ -28,12 +28,25 @@ def gsm8k_path(split: str, data_dir: Path | None = None) -> Path:
 
 
 def load_gsm8k(split: str, limit: int | None = None, data_dir: Path | None = None) -> list[Problem]:
+    return load_problems(gsm8k_path(split, data_dir), limit=limit)
+
+
+def load_problems(path: Path, offset: int = 0, limit: int | None = None) -> list[Problem]:
+    """``{question, answer}`` rows of a JSON-lines file (the GSM8K format), from row ``offset`` on
+    (blank lines are not rows), at most ``limit`` of them."""
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError("offset and limit must not be negative")
     problems: list[Problem] = []
-    with gsm8k_path(split, data_dir).open() as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                problems.append(Problem(row["question"], row["answer"]))
+    with Path(path).open() as fh:
+        rows = (line for line in fh if line.strip())
+        for number, line in enumerate(rows):
             if limit is not None and len(problems) >= limit:
                 break
+            if number < offset:
+                continue
+            row = json.loads(line)
+            try:
+                problems.append(Problem(str(row["question"]), str(row["answer"])))
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"{path}: row {number} is not a {{question, answer}} object") from exc
     return problems

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from faithlens.model import LoadedModel
 from faithlens.params import SamplingParams
+
+if TYPE_CHECKING:
+    from faithlens.batching import SequenceState
 
 FinishReason = Literal["stop", "length"]
 
@@ -41,22 +44,41 @@ def generate(
     A batch of one on :class:`faithlens.batching.DecodeBatch`, the decode path the server, the trainer
     and ``training.eval`` use: the same prompt, seed and params give the same tokens everywhere.
     """
+    return generate_batch(lm, [(prompt_ids, params or SamplingParams())], adapter, top_logprobs)[0]
+
+
+def generate_batch(
+    lm: LoadedModel,
+    requests: list[tuple[list[int], SamplingParams]],
+    adapter: str | None = None,
+    top_logprobs: int = 0,
+) -> list[Generation]:
+    """Generate several continuations together in one :class:`~faithlens.batching.DecodeBatch` (the
+    rhythm study's perturbation trials). A request decodes the same tokens alone or in a batch (the
+    decode path's batch invariance, tests/test_decode_path.py); ``seconds`` is the batch's wall time."""
     from faithlens.batching import BASE_ADAPTER, DecodeBatch, SequenceState  # batching imports this module
 
-    params = params or SamplingParams()
     started = time.perf_counter()
-    seq = SequenceState(list(prompt_ids), params, adapter or BASE_ADAPTER, top_logprobs)
+    seqs = [
+        SequenceState(list(ids), params, adapter or BASE_ADAPTER, top_logprobs) for ids, params in requests
+    ]
     batch = DecodeBatch(lm)
-    batch.add(seq)
+    for seq in seqs:
+        batch.add(seq)
     while len(batch):
         batch.step()
+    seconds = time.perf_counter() - started
+    return [_finished(seq, seconds) for seq in seqs]
+
+
+def _finished(seq: SequenceState, seconds: float) -> Generation:
     assert seq.finish_reason is not None
     return Generation(
-        prompt_ids=list(prompt_ids),
+        prompt_ids=list(seq.prompt_ids),
         token_ids=seq.token_ids,
         text=seq.text,
         logprobs=seq.logprobs,
         top_logprobs=seq.top_logprobs,
         finish_reason=seq.finish_reason,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
     )

@@ -5,7 +5,8 @@ straight into JSON."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -85,3 +86,52 @@ def bootstrap_mean_diff_ci(
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
     return diff, float(low), float(high)
+
+
+def bootstrap_pooled(
+    sums: np.ndarray,
+    figures: Callable[[np.ndarray], dict[str, np.ndarray]],
+    seed: int = 0,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+) -> tuple[dict[str, float | None], dict[str, list[float | None]]]:
+    """Figures pooled over units (problems) and their percentile-bootstrap intervals over units.
+
+    ``sums`` is ``(units, m)``: each unit's additive counts (say, peaks and the entropy summed over them).
+    ``figures`` maps pooled sums ``(..., m)`` to named figures (ratios of sums, a lift); it is applied to
+    the column sums of all units, and to those of ``resamples`` resamples of the units with replacement
+    drawn from ``numpy.random.default_rng(seed)``. A resample where a figure is undefined (NaN: a zero
+    denominator) is left out of that figure's interval. Returns ``(values, intervals)``, ``None`` where
+    undefined. Resampling units, not tokens, keeps a long response from counting as many independent
+    observations."""
+    if resamples < 1:
+        raise ValueError("resamples must be at least 1")
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must lie in (0, 1)")
+    sums = np.asarray(sums, dtype=np.float64)
+    if sums.ndim != 2:
+        raise ValueError("sums must be (units, columns)")
+    units = sums.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = figures(sums.sum(0))
+        if units == 0:
+            return {k: None for k in point}, {k: [None, None] for k in point}
+        idx = np.random.default_rng(seed).integers(0, units, size=(resamples, units))
+        resampled = figures(sums[idx].sum(1))
+    alpha = (1.0 - confidence) / 2.0
+    values = {k: _finite_or_none(v) for k, v in point.items()}
+    intervals: dict[str, list[float | None]] = {}
+    for name, draws in resampled.items():
+        kept = np.asarray(draws, dtype=np.float64)
+        kept = kept[np.isfinite(kept)]
+        if kept.size == 0:
+            intervals[name] = [None, None]
+            continue
+        low, high = np.quantile(kept, [alpha, 1.0 - alpha])
+        intervals[name] = [float(low), float(high)]
+    return values, intervals
+
+
+def _finite_or_none(value: Any) -> float | None:
+    v = float(value)
+    return v if np.isfinite(v) else None
