@@ -7,7 +7,7 @@ Keys (prefix ``faithlens:``): ``audit:<id>`` (the record, JSON), ``audits`` and 
 ``audit:<id>:rows`` (the input rows, a list of JSON in input order), ``audit:<id>:results`` (a hash: row
 index → result JSON), ``audit:<id>:shard:<k>:done`` (the marker of a finished shard: who ran it),
 ``audit:<id>:shard:<k>:lease`` (the worker running it, with a TTL), ``audit:<id>:runs`` (one entry per
-shard execution: a counter of how often each shard really ran), ``audit:<id>:report`` (the summary JSON),
+shard execution: a counter of how often each shard really ran), ``audit:<id>:report`` (the reports asked for, JSON),
 ``audit:<id>:events`` and ``audit:<id>:cancel`` (flag).
 
 A shard's results, its ``done`` marker, the record's ``request_counts`` and its event are written in one
@@ -37,7 +37,7 @@ AuditStatus = Literal[
     "validating", "in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"
 ]
 TERMINAL = {"completed", "failed", "cancelled"}
-REPORTS = ("summary",)  # the report names an audit may ask for
+REPORTS = ("summary", "rhythm")  # the report names an audit may ask for (docs/api.md)
 DATASETS = {"gsm8k-dev": "dev", "gsm8k-train": "train"}
 TRANSITIONS: dict[str, frozenset[str]] = {
     "validating": frozenset({"in_progress", "failed", "cancelling", "cancelled"}),

@@ -1,8 +1,8 @@
-"""The audit summary report as one self-contained HTML page: inline CSS, inline SVG plots drawn here, one
-small inline script, no network. Each row's audit view opens in a new tab from a ``blob:`` page built in
-the browser from the row's annotations and the audit view's own files (the client package's ``audit.js``
-and ``audit.css``, read from disk as ``/ui`` serves them). All text is escaped; embedded JSON has ``<``,
-``>``, ``&`` and ``/`` escaped so row text cannot close a script element."""
+"""The audit's reports (the summary, the rhythm study) as one self-contained HTML page: inline CSS, inline
+SVG plots drawn here, one small inline script, no network. Each row's audit view opens in a new tab from a
+``blob:`` page built in the browser from the row's annotations and the audit view's own files (the client
+package's ``audit.js`` and ``audit.css``, read from disk as ``/ui`` serves them). All text is escaped;
+embedded JSON has ``<``, ``>``, ``&`` and ``/`` escaped so row text cannot close a script element."""
 
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ svg.fl-plot text { font-size: 10px; fill: #555; }
 .swatch { display: inline-block; width: 0.8rem; height: 0.8rem; margin-right: 0.3rem; vertical-align: -1px; }
 .rows td.text { max-width: 34rem; white-space: pre-wrap; word-break: break-word; font-size: 0.82rem; }
 .error { color: #b00020; }
+.rhythm-tokens { white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, monospace;
+  font-size: 0.82rem; line-height: 1.7; border: 1px solid #eee; border-radius: 6px; padding: 0.5rem; }
+.waad-peak { background: #ffe08a; border-radius: 2px; }
+.fai-peak { box-shadow: inset 0 -3px 0 #4c78a8; }
+td.pa { color: #555; }
 """
 
 SCRIPT = r"""
@@ -364,6 +369,143 @@ def _saliency_section(report: SummaryReport) -> str:
     )
 
 
+# ---- the rhythm study (spec §11) ---------------------------------------------------------------------------
+
+RHYTHM_STATS: list[tuple[str, str, list[tuple[str, str, bool]]]] = [
+    (
+        "A",
+        "Entropy at WAAD peaks",
+        [
+            ("observed", "mean entropy at WAAD peaks (nats)", False),
+            ("baseline", "mean entropy over all response tokens", False),
+            ("lift", "lift", True),
+        ],
+    ),
+    (
+        "B",
+        "An FAI peak follows or coincides with a WAAD peak",
+        [
+            ("observed", "share of FAI peaks", False),
+            ("baseline", "share with FAI shuffled", False),
+            ("lift", "lift", True),
+        ],
+    ),
+    (
+        "C",
+        "Perturbation at high against low FAI",
+        [
+            ("jaccard_high", "mean Jaccard, highest-FAI position", False),
+            ("jaccard_low", "mean Jaccard, lowest-FAI position", False),
+            ("share_high_diverges_more", "share of trials where high diverges more", False),
+        ],
+    ),
+]
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def _pct(v: Any) -> str:
+    v = _finite(v)
+    return "–" if v is None else f"{v * 100:+.2f}%"
+
+
+def _value(v: Any, percent: bool) -> str:
+    return _pct(v) if percent else _fmt(_finite(v))
+
+
+def _interval(bounds: Any, percent: bool) -> str:
+    if not isinstance(bounds, list | tuple) or len(bounds) != 2 or None in [_finite(b) for b in bounds]:
+        return "–"
+    return f"[{_value(bounds[0], percent)}, {_value(bounds[1], percent)}]"
+
+
+def _rhythm_table(rhythm: dict[str, Any], pa: dict[str, dict[str, float]]) -> str:
+    rows = []
+    for key, name, figures in RHYTHM_STATS:
+        stat = rhythm.get(key) or {}
+        ci = stat.get("ci95") or {}
+        for i, (figure, label, percent) in enumerate(figures):
+            head = f'<th rowspan="{len(figures)}">{_e(key)}. {_e(name)}</th>' if i == 0 else ""
+            rows.append(
+                f"<tr>{head}<td>{_e(label)}</td><td class=num>{_value(stat.get(figure), percent)}</td>"
+                f"<td class=num>{_interval(ci.get(figure), percent)}</td>"
+                f'<td class="num pa">{_value(pa.get(key, {}).get(figure), percent)}</td></tr>'
+            )
+    return (
+        '<table class="rhythm"><thead><tr><th>statistic</th><th>figure</th><th>this model</th>'
+        "<th>95% CI</th><th>[PA]</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
+
+
+def _rhythm_grid(grid: list[dict[str, Any]]) -> str:
+    if not grid:
+        return ""
+    rows = "".join(
+        f"<tr><td class=num>{_fmt(_finite(g.get('q_peak')))}</td><td class=num>{_fmt(_finite(g.get('k')))}</td>"
+        f"<td class=num>{_value(g.get('observed'), False)}</td><td class=num>{_value(g.get('baseline'), False)}</td>"
+        f"<td class=num>{_pct(g.get('lift'))}</td></tr>"
+        for g in grid
+    )
+    return (
+        '<h3 id="rhythm-grid">B for other peak settings</h3><table class="rhythm-grid"><thead><tr>'
+        "<th>q_peak</th><th>k_B</th><th>observed</th><th>shuffled</th><th>lift</th></tr></thead><tbody>"
+        + rows
+        + "</tbody></table>"
+    )
+
+
+def _peak_span(i: int, text: str, waad: set[int], fai: set[int]) -> str:
+    classes = [c for c, peaks in (("waad-peak", waad), ("fai-peak", fai)) if i in peaks]
+    if not classes:
+        return f"<span>{_e(text)}</span>"
+    what = " and ".join(c.replace("-", " ").replace("waad", "WAAD").replace("fai", "FAI") for c in classes)
+    return f'<span class="{" ".join(classes)}" title="{_e(f"token {i}: {what}")}">{_e(text)}</span>'
+
+
+def _rhythm_example(example: dict[str, Any]) -> str:
+    waad, fai = set(example.get("waad_peaks") or []), set(example.get("fai_peaks") or [])
+    tokens = example.get("tokens") or []
+    spans = "".join(_peak_span(i, str(t), waad, fai) for i, t in enumerate(tokens))
+    return (
+        f'<figure class="rhythm-example"><figcaption>Row {_e(example.get("index"))}: {len(tokens)} tokens, '
+        f"{len(waad)} WAAD peaks, {len(fai)} FAI peaks</figcaption>"
+        f'<div class="rhythm-tokens">{spans}</div></figure>'
+    )
+
+
+RHYTHM_LEGEND = (
+    '<p class="legend"><span><span class="waad-peak">WAAD peak</span></span>'
+    '<span><span class="fai-peak">FAI peak</span></span>'
+    '<span><span class="waad-peak fai-peak">both</span></span></p>'
+)
+
+
+def rhythm_section(rhythm: dict[str, Any]) -> str:
+    """The rhythm study (spec §11): statistics A, B and C against [PA]'s figures, the B grid, examples."""
+    from faithlens.study import PA_FIGURES, RhythmConfig
+
+    config = RhythmConfig()  # the settings audits study with
+    examples = rhythm.get("examples") or []
+    trials = (rhythm.get("C") or {}).get("trials")
+    parts = [
+        '<h2 id="rhythm">Rhythm study</h2>',
+        f'<p class="meta">{_e(rhythm.get("n", 0))} responses; 95% percentile-bootstrap intervals over '
+        f"responses ({config.resamples} resamples, seed {config.seed}); C over "
+        f"{_e(trials if trials is not None else 0)} trials. [PA]: Qwen3-4B-Base over 70 GSM8K problems. "
+        f"Peaks: local maxima in the top {_fmt(config.q_peak * 100)}% of a response's values (q_peak "
+        f"{_fmt(config.q_peak)}); B counts an FAI peak with a WAAD peak at most {config.k_B} token(s) before "
+        f"it (k_B {config.k_B}), against FAI shuffled {config.permutations} times.</p>",
+        _rhythm_table(rhythm, PA_FIGURES),
+        _rhythm_grid(rhythm.get("B_grid") or []),
+    ]
+    if examples:
+        parts.append('<h3 id="rhythm-examples">Examples</h3>' + RHYTHM_LEGEND)
+        parts += [_rhythm_example(example) for example in examples]
+    return "".join(parts)
+
+
 def _rows_table(audit_id: str, rows: list[dict]) -> tuple[str, dict[str, Any]]:
     annotations: dict[str, Any] = {}
     body = []
@@ -408,20 +550,9 @@ def _rows_table(audit_id: str, rows: list[dict]) -> tuple[str, dict[str, Any]]:
     return table, annotations
 
 
-def render_report(audit_id: str, report: SummaryReport, rows: list[dict], ui_dir: Path | None = None) -> str:
-    """The self-contained report page for an audit. ``rows`` are the audit's result lines
-    (``{id, index, text, annotations, correct, error}``); ``ui_dir`` holds ``audit.js`` and ``audit.css``
-    (default: the installed client package's, as ``/ui`` serves them)."""
-    ui = ui_dir or _default_ui_dir()
-    assets = {
-        "css": (ui / "audit.css").read_text(encoding="utf-8"),
-        "js": (ui / "audit.js").read_text(encoding="utf-8"),
-    }
-    rows_table, annotations = _rows_table(audit_id, rows)
-    title = f"faithlens audit {audit_id}: summary"
-    parts = [
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">{report.n_rows} analysed rows of {len(rows)}; means with {round(report.confidence * 100)}% '
+def _summary_parts(report: SummaryReport, total: int) -> list[str]:
+    return [
+        f'<p class="meta">{report.n_rows} analysed rows of {total}; means with {round(report.confidence * 100)}% '
         f"percentile-bootstrap intervals over rows ({report.resamples} resamples, seed {report.seed}).</p>",
         '<h2 id="headline">Headline numbers</h2>',
         _headline_table(report),
@@ -430,6 +561,34 @@ def render_report(audit_id: str, report: SummaryReport, rows: list[dict], ui_dir
         _anchor_section(report),
         _split_section(report),
         _saliency_section(report),
+    ]
+
+
+def render_report(
+    audit_id: str,
+    report: SummaryReport | None,
+    rows: list[dict],
+    ui_dir: Path | None = None,
+    rhythm: dict[str, Any] | None = None,
+) -> str:
+    """The self-contained report page for an audit: its ``summary`` report and/or its ``rhythm`` report
+    (each None when the audit did not ask for it). ``rows`` are the audit's result lines
+    (``{id, index, text, annotations, correct, error}``); ``ui_dir`` holds ``audit.js`` and ``audit.css``
+    (default: the installed client package's, as ``/ui`` serves them)."""
+    ui = ui_dir or _default_ui_dir()
+    assets = {
+        "css": (ui / "audit.css").read_text(encoding="utf-8"),
+        "js": (ui / "audit.js").read_text(encoding="utf-8"),
+    }
+    rows_table, annotations = _rows_table(audit_id, rows)
+    names = [name for name, r in (("summary", report), ("rhythm", rhythm)) if r is not None]
+    title = f"faithlens audit {audit_id}: {' and '.join(names) or 'report'}"
+    parts = [f"<h1>{_e(title)}</h1>"]
+    if report is not None:
+        parts += _summary_parts(report, len(rows))
+    if rhythm is not None:
+        parts.append(rhythm_section(rhythm))
+    parts += [
         '<h2 id="rows">Rows</h2><p class="meta">“open audit” opens the row\'s audit view in a new tab.</p>',
         rows_table,
     ]

@@ -9,10 +9,14 @@ given) run it: the prompt encoded by :func:`faithlens.model.encode_prompt` (the 
 :func:`faithlens.analysis.analyze`, presented as the server presents them. What one row gets wrong (too
 long, too costly, empty, options that do not fit it) is that row's ``error``; the audit goes on.
 
+An audit that asks for the ``rhythm`` report also runs the rhythm study (spec §11,
+:mod:`faithlens.study`) on each analysed row, with the row's adapter, and keeps it with the row's result.
+
 The worker process keeps its model (and the adapters it attached) between shards. The last shard to
-finish moves the audit to ``finalizing``, builds the summary report (:func:`faithlens.report.summarize`)
-and completes it; a redelivered finished shard only re-checks that, so an audit whose finaliser died is
-finalised by the next delivery.
+finish moves the audit to ``finalizing``, builds the reports asked for (``summary``:
+:func:`faithlens.report.summarize`; ``rhythm``: :func:`faithlens.study.pool_rhythm`) and completes it; a
+redelivered finished shard only re-checks that, so an audit whose finaliser died is finalised by the next
+delivery.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +59,7 @@ log = logging.getLogger("faithlens.worker")
 _MODELS: dict[str, LoadedModel] = {}
 _ATTACHED: dict[str, set[str]] = {}
 _THREADS_SET = False
+RHYTHM_EXAMPLES = 3  # example rows (tokens and peaks) the rhythm report keeps for its HTML page
 _LOCK = threading.Lock()
 
 
@@ -145,10 +150,18 @@ def _content(content: Any) -> str:
 
 
 def run_row(
-    lm: LoadedModel, row: dict, spec: dict[str, Any], audit: Audit, adapter: str | None, max_cost: float
+    lm: LoadedModel,
+    row: dict,
+    spec: dict[str, Any],
+    audit: Audit,
+    adapter: str | None,
+    max_cost: float,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One row's result: ``{text, annotations, correct, error}`` (``error`` set, the rest null, when the
-    row could not be analysed)."""
+    """One row's result: ``{text, annotations, correct, error, rhythm}`` (``error`` set, the rest null,
+    when the row could not be analysed). ``rhythm`` is the row's rhythm study (spec §11,
+    :func:`faithlens.study.study_response`) when the audit asks for that report, else null; ``index`` is the
+    row's place in the audit, which seeds the study's permutations (whichever shard runs the row)."""
     context = int(getattr(unwrap(lm.model).config, "max_position_embeddings", 0) or 1 << 30)
     options = spec["analysis"]
     params = AnalysisParams.model_validate(
@@ -173,7 +186,39 @@ def run_row(
     reference = row.get("reference")
     if reference is not None:
         correct = gsm8k_correct(text, str(reference))
-    return {"text": text, "annotations": analysis.to_json_dict(), "correct": correct, "error": None}
+    rhythm = None
+    if "rhythm" in audit.reports:
+        rhythm = _rhythm(lm, prompt_ids, response_ids, index, adapter, correct)
+    return {
+        "text": text,
+        "annotations": analysis.to_json_dict(),
+        "correct": correct,
+        "error": None,
+        "rhythm": rhythm,
+    }
+
+
+def _rhythm(
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    index: int,
+    adapter: str | None,
+    correct: bool | None,
+) -> dict[str, Any]:
+    """The row's rhythm study (with the row's correctness), run as its analysis ran: exactly the audit's
+    adapter on."""
+    from faithlens.study import RhythmConfig, study_response
+
+    try:
+        with lora.active(lm, adapter):
+            study = study_response(
+                lm, prompt_ids, response_ids, index=index, config=RhythmConfig(), adapter=adapter
+            )
+    except ValueError as exc:  # a sequence the study cannot take, as analyze() refuses one
+        raise RowError("invalid_request", f"rhythm study: {exc}"[:1000]) from exc
+    study.correct = correct
+    return study.to_json()
 
 
 def _response(
@@ -346,7 +391,7 @@ def _run_leased(
         index = start + offset
         started = time.perf_counter()
         try:
-            result = run_row(lm, row, spec, audit, adapter, settings.queue.max_audit_row_cost)
+            result = run_row(lm, row, spec, audit, adapter, settings.queue.max_audit_row_cost, index)
         except RowError as exc:
             result = _failed_row(exc.code, exc.message)
         except Exception as exc:  # one row's crash is that row's error; the audit goes on
@@ -416,18 +461,54 @@ def maybe_finalize(store: AuditStore, audit_id: str) -> None:
 
 
 def build_report(store: AuditStore, audit: Audit) -> dict[str, Any]:
+    """The reports the audit asked for, from its results read in chunks: ``summary``
+    (:func:`faithlens.report.summarize`) and ``rhythm`` (:func:`faithlens.study.pool_rhythm` over the rows'
+    studies, plus up to :data:`RHYTHM_EXAMPLES` example rows for the HTML page)."""
     from faithlens.report import RowOutcome, summarize
 
-    total = store.row_count(audit.id)
-    outcomes = []
-    for start in range(0, total, 500):
-        indices = list(range(start, min(start + 500, total)))
-        for result in store.results(audit.id, indices):
-            if result is None or result.get("annotations") is None:
-                continue
+    summary, rhythm = "summary" in audit.reports, "rhythm" in audit.reports
+    outcomes, studies, examples = [], [], []
+    for index, result in _analysed(store, audit.id):
+        if summary:
             analysis = Analysis.model_validate(result["annotations"])
             outcomes.append(RowOutcome(analysis=analysis, correct=result.get("correct")))
-    return {"summary": summarize(outcomes).model_dump(mode="json")}
+        if rhythm and result.get("rhythm") is not None:
+            studies.append(result["rhythm"])
+            if len(examples) < RHYTHM_EXAMPLES:
+                examples.append(_rhythm_example(index, result))
+    report: dict[str, Any] = {}
+    if summary:
+        report["summary"] = summarize(outcomes).model_dump(mode="json")
+    if rhythm:
+        report["rhythm"] = _rhythm_report(studies, examples)
+    return report
+
+
+def _analysed(store: AuditStore, audit_id: str, chunk: int = 500) -> Iterator[tuple[int, dict]]:
+    """(row index, result) of every analysed row, in input order, read ``chunk`` rows at a time."""
+    total = store.row_count(audit_id)
+    for start in range(0, total, chunk):
+        indices = list(range(start, min(start + chunk, total)))
+        for index, result in zip(indices, store.results(audit_id, indices), strict=True):
+            if result is not None and result.get("annotations") is not None:
+                yield index, result
+
+
+def _rhythm_example(index: int, result: dict) -> dict[str, Any]:
+    study = result["rhythm"]
+    return {
+        "index": index,
+        "tokens": [token["text"] for token in result["annotations"]["tokens"]],
+        "waad_peaks": list(study.get("waad_peaks") or []),
+        "fai_peaks": list(study.get("fai_peaks") or []),
+    }
+
+
+def _rhythm_report(studies: list[dict], examples: list[dict]) -> dict[str, Any]:
+    from faithlens.study import ResponseRhythm, RhythmConfig, pool_rhythm
+
+    rows = [ResponseRhythm.from_json(s) for s in studies]
+    return {**pool_rhythm(rows, RhythmConfig()).to_json(), "examples": examples}
 
 
 def reap_audits(

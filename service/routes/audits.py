@@ -102,7 +102,12 @@ class CreateAuditRequest(BaseModel):
     sampling: SamplingParams | None = Field(
         default=None, description="How rows without a completion are generated."
     )
-    reports: list[str] = Field(default=["summary"], max_length=8, description="Reports to build: `summary`.")
+    reports: list[str] = Field(
+        default=["summary"],
+        max_length=8,
+        description="Reports to build: `summary` (aggregates with bootstrap intervals) and `rhythm` (the "
+        "rhythm study of [PA]'s Tables 1–2 over the rows, docs/api.md).",
+    )
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] = Field(
         default_factory=dict
     )
@@ -143,12 +148,18 @@ class AuditResultLine(BaseModel):
 
 
 class AuditReport(BaseModel):
-    """The reports the audit asked for, by name (``summary``: faithlens.report.SummaryReport)."""
+    """The reports the audit asked for, by name (``summary``: faithlens.report.SummaryReport; ``rhythm``:
+    faithlens.study's pooled rhythm study, with up to three example rows); null when not asked for."""
 
     model_config = ConfigDict(extra="allow")
     id: str
     object: Literal["audit.report"] = "audit.report"
     summary: dict[str, Any] | None = None
+    rhythm: dict[str, Any] | None = Field(
+        default=None,
+        description="Statistics A, B and C with their bootstrap intervals, the B sensitivity grid, "
+        "`per_problem` (each row's study) and `examples` (tokens and peaks of up to three rows).",
+    )
 
 
 _STORES: dict[int, AuditStore] = {}
@@ -536,8 +547,8 @@ async def get_report(
     caller: Annotated[Principal, Depends(require("infer"))],
     format: Literal["json", "html"] = "json",
 ) -> AuditReport:
-    """The reports of a completed audit (``summary``: aggregates with bootstrap intervals); with
-    ``format=html``, a self-contained page with its figures and a row table."""
+    """The reports of a completed audit (``summary``: aggregates with bootstrap intervals; ``rhythm``: the
+    rhythm study); with ``format=html``, a self-contained page with their figures and a row table."""
     state = get_state(request)
     store = _store(state)
     audit = await _audit(state, audit_id, caller)
@@ -551,8 +562,11 @@ async def get_report(
     from faithlens.report import SummaryReport
     from service.report_html import render_report
 
-    summary = SummaryReport.model_validate(report["summary"])
+    summary = report.get("summary")
+    summary = SummaryReport.model_validate(summary) if summary is not None else None
     total = await asyncio.to_thread(store.row_count, audit_id)
     lines = await asyncio.to_thread(_lines_between, store, audit, 0, total)
-    page = await asyncio.to_thread(render_report, audit_id, summary, lines, request.app.state.ui_dir)
+    page = await asyncio.to_thread(
+        render_report, audit_id, summary, lines, request.app.state.ui_dir, report.get("rhythm")
+    )
     return HTMLResponse(page)  # type: ignore[return-value]

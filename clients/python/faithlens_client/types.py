@@ -267,8 +267,11 @@ class AuditResult(_Model):
 
 class AuditReportSummary(_Model):
     """``/v1/audits/{id}/report``: the reports the audit asked for, by name (``summary``: aggregates with
-    bootstrap intervals, docs/annotations.md); their fields are kept as the server sends them."""
+    bootstrap intervals, docs/annotations.md; ``rhythm``: the rhythm study, statistics A, B and C with
+    intervals, the B grid, ``per_problem`` and ``examples``, docs/api.md); None when not asked for. Their
+    fields are kept as the server sends them."""
 
     id: str
     object: str = "audit.report"
     summary: dict[str, Any] | None = None
+    rhythm: dict[str, Any] | None = None
