@@ -53,7 +53,12 @@ def run_study(lm: LoadedModel, args: argparse.Namespace) -> int:
     if args.offset < 0 or (args.n is not None and args.n < 1) or args.max_new_tokens < 1:
         raise SystemExit("error: --offset must be ≥ 0, --n and --max-new-tokens ≥ 1")
     config = RhythmConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    problems = load_problems(args.input, args.offset, args.n)
+    try:
+        problems = load_problems(args.input, args.offset, args.n)
+    except (OSError, ValueError) as exc:  # a missing file, a row that is not JSON or not a problem
+        raise SystemExit(f"error: {exc}") from None
+    if not problems:
+        raise SystemExit(f"error: {args.input} has no rows after offset {args.offset}")
     started = time.perf_counter()
 
     def progress(row: ResponseRhythm) -> None:
@@ -65,7 +70,8 @@ def run_study(lm: LoadedModel, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**report.to_json(), "model": lm.name, "seconds": round(seconds, 2)}, indent=2))
     else:
-        render_rhythm(report, Console(), f"{lm.name}, {report.n} problems, {seconds:.0f} s")
+        console = Console() if Console().is_terminal else Console(width=120)  # no clipped figures in a file
+        render_rhythm(report, console, f"{lm.name}, {report.n} problems, {seconds:.0f} s")
     return 0
 
 
