@@ -9,7 +9,9 @@ the work each part really does (spec §1, §7, §8):
 * the saliency method's own work: each entry of :data:`faithlens.saliency.SALIENCY_METHODS` estimates
   it (exact AtMan: every suppression group from its first column on; ``atman_grad``: a forward and a
   backward pass; ``atman_rl``: ``rl_steps`` forward+backward passes over the response);
-* the counterfactual check: one unperturbed pass and two suppressed ones from the response on.
+* the counterfactual check: one unperturbed pass and two suppressed ones from the response on;
+* the rhythm study, when an audit asks for it (spec §11): its own scoring pass, then each perturbed prefix
+  and its greedy continuation.
 """
 
 from __future__ import annotations
@@ -44,11 +46,28 @@ def saliency_cost(texts: list[str], prompt_len: int, params: SaliencyParams) -> 
     return method_cost(texts, prompt_len, params) + counterfactual_cost(len(texts), prompt_len)
 
 
-def analysis_cost(texts: list[str], prompt_len: int, saliency: SaliencyParams | None) -> float:
-    """The whole analysis of one sequence: the scoring pass plus saliency, if asked for."""
+def rhythm_cost(n: int) -> float:
+    """The rhythm study on one n-token sequence (:func:`faithlens.study.study_response`): a scoring pass,
+    then 2 × len(ranks) perturbed prefixes, each prefilled once and continued for at most
+    ``max_continuation`` tokens."""
+    from faithlens.study.rhythm import RhythmConfig
+
+    config = RhythmConfig()
+    trials = 2 * len(config.ranks)
+    tail = config.max_continuation
+    return scoring_cost(n) + trials * (forward(n, n) + forward(tail, n + tail))
+
+
+def analysis_cost(
+    texts: list[str], prompt_len: int, saliency: SaliencyParams | None, rhythm: bool = False
+) -> float:
+    """The whole analysis of one sequence: the scoring pass plus saliency, if asked for, and the rhythm
+    study, if asked for."""
     cost = scoring_cost(len(texts))
     if saliency is not None:
         cost += saliency_cost(texts, prompt_len, saliency)
+    if rhythm:
+        cost += rhythm_cost(len(texts))
     return cost
 
 

@@ -193,3 +193,22 @@ def test_rhythm_section_from_a_hand_made_report():
     assert "<span>alert(1)</span>" in section
     assert "a&lt;1&gt;" in page and 'id="headline"' not in page
     assert not re.search(r"https?://", section)
+
+
+def test_the_rhythm_study_counts_against_the_row_cost_limit(stack):
+    """A completion whose analysis fits FAITHLENS_MAX_AUDIT_ROW_COST (20,000 here) but whose analysis
+    plus rhythm study does not: refused up front with the rhythm report, accepted without it."""
+    from faithlens import cost
+
+    row = {"prompt": "Go.", "completion": "b" * 2500}  # byte tokens: about 2,500 of them
+    n = 2504
+    assert (
+        cost.analysis_cost([" x"] * n, 4, None) < 20000 < cost.analysis_cost([" x"] * n, 4, None, rhythm=True)
+    )
+    with stack.client() as c:
+        refused = c.post("/v1/audits", json={"input": [row], "reports": ["summary", "rhythm"]})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "analysis_too_costly"
+        accepted = c.post("/v1/audits", json={"input": [row], "reports": ["summary"]})
+        assert accepted.status_code == 200, accepted.text
+        c.post(f"/v1/audits/{accepted.json()['id']}/cancel")

@@ -175,7 +175,10 @@ def run_row(
     except ValueError as exc:
         raise RowError("invalid_request", str(exc)) from exc
     prompt_ids = _row_prompt_ids(lm, row, context)
-    response_ids, text = _response(lm, row, spec, prompt_ids, context, saliency, adapter, max_cost)
+    rhythm = "rhythm" in audit.reports
+    response_ids, text = _response(
+        lm, row, spec, prompt_ids, context, saliency, adapter, max_cost, rhythm=rhythm
+    )
     try:
         with lora.active(lm, adapter):  # as the engine runs an analysis: exactly this adapter on
             analysis = analyze(lm, prompt_ids, response_ids, params, saliency=saliency)
@@ -186,15 +189,13 @@ def run_row(
     reference = row.get("reference")
     if reference is not None:
         correct = gsm8k_correct(text, str(reference))
-    rhythm = None
-    if "rhythm" in audit.reports:
-        rhythm = _rhythm(lm, prompt_ids, response_ids, index, adapter, correct)
+    study = _rhythm(lm, prompt_ids, response_ids, index, adapter, correct) if rhythm else None
     return {
         "text": text,
         "annotations": analysis.to_json_dict(),
         "correct": correct,
         "error": None,
-        "rhythm": rhythm,
+        "rhythm": study,
     }
 
 
@@ -230,6 +231,7 @@ def _response(
     saliency: SaliencyParams | None,
     adapter: str | None,
     max_cost: float,
+    rhythm: bool = False,
 ) -> tuple[list[int], str]:
     """The response's ids and text: generated (the one decode path; adapters by name, as the engine's
     batch runs them) when the row has no completion, else the row's completion, encoded."""
@@ -243,7 +245,7 @@ def _response(
                 f"model's context of {context} tokens",
             )
         bound = [" x"] * (len(prompt_ids) + sampling.max_new_tokens)
-        _check_cost(bound, len(prompt_ids), saliency, max_cost, bound=True)
+        _check_cost(bound, len(prompt_ids), saliency, max_cost, bound=True, rhythm=rhythm)
         generation = generate(lm, prompt_ids, sampling, adapter)
         if not generation.token_ids:
             raise RowError("empty_response", "the model generated no tokens to analyse")
@@ -257,18 +259,24 @@ def _response(
             "context_length_exceeded", f"prompt + completion is {total} tokens; the limit is {context}"
         )
     texts = [lm.tokenizer.decode([i]) for i in [*prompt_ids, *response_ids]]
-    _check_cost(texts, len(prompt_ids), saliency, max_cost, bound=False)
+    _check_cost(texts, len(prompt_ids), saliency, max_cost, bound=False, rhythm=rhythm)
     return response_ids, lm.tokenizer.decode(response_ids)
 
 
 def _check_cost(
-    texts: list[str], prompt_len: int, saliency: SaliencyParams | None, limit: float, bound: bool
+    texts: list[str],
+    prompt_len: int,
+    saliency: SaliencyParams | None,
+    limit: float,
+    bound: bool,
+    rhythm: bool = False,
 ) -> None:
-    """As the engine's ``_check_analysis``, against FAITHLENS_MAX_AUDIT_ROW_COST."""
+    """As the engine's ``_check_analysis`` (plus the rhythm study, if asked), against
+    FAITHLENS_MAX_AUDIT_ROW_COST."""
     if bound and saliency is not None:
         saliency = saliency.model_copy(update={"target": [len(texts) - 1], "granularity": "token"})
     try:
-        estimate = cost.analysis_cost(texts, prompt_len, saliency)
+        estimate = cost.analysis_cost(texts, prompt_len, saliency, rhythm)
     except ValueError as exc:
         raise RowError("invalid_request", str(exc)[:1000]) from exc
     if estimate > limit:

@@ -268,10 +268,16 @@ def _adapter_path(state: ServerState, body: CreateAuditRequest) -> str | None:
 
 
 async def _check_costs(
-    state: ServerState, rows: list[AuditRow], options: AnalysisOptions, sampling: SamplingParams, limit: float
+    state: ServerState,
+    rows: list[AuditRow],
+    options: AnalysisOptions,
+    sampling: SamplingParams,
+    limit: float,
+    rhythm: bool = False,
 ) -> None:
-    """Every row's analysis estimated as the engine estimates it; 400 ``analysis_too_costly`` for the
-    first over ``limit``. A row that cannot even be encoded is left to its worker (a per-row error)."""
+    """Every row's analysis (with the rhythm study, when the audit asks for it) estimated as the engine
+    estimates it; 400 ``analysis_too_costly`` for the first over ``limit``. A row that cannot even be
+    encoded is left to its worker (a per-row error)."""
     lm = getattr(state.engine, "lm", None)
     tokenizers = getattr(state.engine, "_tokenizers", None)
     if lm is None or tokenizers is None:  # another engine: the workers check every row
@@ -303,7 +309,7 @@ async def _check_costs(
         if row.completion is None and salient is not None:  # at its longest, most costly
             salient = salient.model_copy(update={"target": [len(texts) - 1], "granularity": "token"})
         try:
-            estimate = cost.analysis_cost(texts, prompt_len, salient)
+            estimate = cost.analysis_cost(texts, prompt_len, salient, rhythm)
         except ValueError:
             continue  # options that do not fit this row: its error
         if estimate > limit:
@@ -340,7 +346,8 @@ async def create_audit(
     if len(rows) > queue.max_audit_rows:
         raise _bad_input(f"{len(rows)} rows; the limit is {queue.max_audit_rows} (FAITHLENS_MAX_AUDIT_ROWS)")
     try:
-        await _check_costs(state, rows, body.analysis, sampling, queue.max_audit_row_cost)
+        rhythm = "rhythm" in body.reports
+        await _check_costs(state, rows, body.analysis, sampling, queue.max_audit_row_cost, rhythm)
     except EngineError as exc:  # the tokenizer pool is shutting down
         raise APIError(503, "not_ready", str(exc)) from exc
     stored = []
