@@ -214,6 +214,22 @@ def test_cli_audit_a_file_end_to_end(cli, tmp_path):
     assert status == 2 and "audit_finished" in err
 
 
+def test_cli_audit_with_the_rhythm_report(cli, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows(2)) + "\n")
+    argv = ["audits", "create", "--file", str(path), "--max-new-tokens", "4", "--report", "summary"]
+    status, out, err = cli(*argv, "--report", "rhythm", "--watch")
+    assert status == 0, err
+    audit_id = out.splitlines()[0]
+    status, out, _ = cli("audits", "get", audit_id, "--json")
+    assert Audit.model_validate_json(out).reports == ["summary", "rhythm"]
+    status, out, _ = cli("audits", "report", audit_id)
+    assert status == 0 and "mean_fai" in out and "rhythm study: 2 responses" in out
+    assert all(line in out for line in ("  A  observed", "  B  observed", "  C  ("))
+    status, _, err = cli(*argv[:-2], "--report", "bogus")
+    assert status == 2 and "unknown_report" in err
+
+
 def test_cli_dataset_with_saliency_and_json_watch(cli):
     status, out, err = cli(
         "audits",

@@ -183,6 +183,32 @@ def _print_report(report: dict[str, Any]) -> None:
         print(
             f"  {'accuracy':<16} {_estimate(references.get('accuracy'))}  ({references.get('n_rows')} rows)"
         )
+    if isinstance(report.get("rhythm"), dict):
+        _print_rhythm(report["rhythm"])
+
+
+def _figure(value: Any, interval: Any) -> str:
+    """``0.123 [0.101, 0.145]``; ``–`` where undefined."""
+    if value is None:
+        return "–"
+    if isinstance(interval, list) and len(interval) == 2 and None not in interval:
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return f"{value:.3f}"
+
+
+def _print_rhythm(rhythm: dict[str, Any]) -> None:
+    """The rhythm study's three statistics with their 95% intervals (the HTML page sets [PA]'s beside)."""
+    print(f"rhythm study: {rhythm.get('n')} responses")
+    for stat, names in (("A", ("observed", "baseline", "lift")), ("B", ("observed", "baseline", "lift"))):
+        figures = rhythm.get(stat) or {}
+        intervals = figures.get("ci95") or {}
+        parts = [f"{name} {_figure(figures.get(name), intervals.get(name))}" for name in names]
+        print(f"  {stat}  " + "  ".join(parts))
+    c = rhythm.get("C") or {}
+    intervals = c.get("ci95") or {}
+    names = ("jaccard_high", "jaccard_low", "share_high_diverges_more")
+    parts = [f"{name} {_figure(c.get(name), intervals.get(name))}" for name in names]
+    print(f"  C  ({c.get('trials', 0)} trials)  " + "  ".join(parts))
 
 
 class UsageError(Exception):
@@ -353,6 +379,7 @@ def cmd_audits_create(args: argparse.Namespace, client: Faithlens) -> int:
         saliency=args.saliency,
         sampling={"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None,
         metadata=metadata,
+        reports=args.report or None,
     )
     print(_dump(audit) if args.json else audit.id, flush=True)
     if args.watch:
@@ -494,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     acreate.add_argument("--adapter")
     acreate.add_argument("--max-new-tokens", type=int, help="for rows without a completion")
     acreate.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    acreate.add_argument(
+        "--report",
+        action="append",
+        metavar="NAME",
+        help="a report to build: summary (the default), rhythm (the preplan-and-anchor study); repeatable",
+    )
     acreate.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
     command(audits, "list", cmd_audits_list, help="recent audits").add_argument(
         "--limit", type=int, default=20
