@@ -6,10 +6,12 @@ the tests count what ran where instead of inferring it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,7 @@ from faithlens.report import RowOutcome, summarize
 from faithlens.schema import Analysis
 from faithlens.tiny import save_tiny
 from jobs.audits import AuditStore
-from tests.servers import make_adapter, start_server
+from tests.servers import Server, make_adapter, start_server
 from tests.test_job_store import private_redis
 from tests.test_jobs import KEYS, Worker
 
@@ -47,9 +49,10 @@ def rows_40() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("audits")
+@contextlib.contextmanager
+def audit_server(work: Path, name: str, **env: str) -> Iterator[tuple[Server, str]]:
+    """A server on the tiny model with its own Redis and its own job and audit queues (so workers of
+    other modules never take its shards); ``env`` adds settings. Yields the server and the Redis URL."""
     tiny = save_tiny(work / "tiny-llama")
     suffix = uuid.uuid4().hex[:8]
     with private_redis(work / "redis") as url:
@@ -57,19 +60,31 @@ def stack(tmp_path_factory):
             work,
             tiny,
             REDIS_URL=url,
-            FAITHLENS_JOB_QUEUE=f"faithlens-jobs-test-{suffix}",
-            FAITHLENS_AUDIT_QUEUE=f"faithlens-audits-test-{suffix}",
-            FAITHLENS_AUDIT_SHARD_SIZE="4",
-            FAITHLENS_MAX_AUDIT_ROWS="50",
-            FAITHLENS_MAX_AUDIT_ROW_COST="20000",
-            FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
-            FAITHLENS_JOB_LEASE_TTL_S="4",
-            FAITHLENS_REAPER_INTERVAL_S="2",
+            FAITHLENS_JOB_QUEUE=f"faithlens-jobs-{name}-{suffix}",
+            FAITHLENS_AUDIT_QUEUE=f"faithlens-audits-{name}-{suffix}",
             FAITHLENS_TORCH_THREADS="1",  # the server and the workers compute alike
+            **env,
         )
-        env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}
-        yield server, env, work, url
-        server.stop()
+        try:
+            yield server, url
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    work = tmp_path_factory.mktemp("audits")
+    with audit_server(
+        work,
+        "test",
+        FAITHLENS_AUDIT_SHARD_SIZE="4",
+        FAITHLENS_MAX_AUDIT_ROWS="50",
+        FAITHLENS_MAX_AUDIT_ROW_COST="20000",
+        FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
+        FAITHLENS_JOB_LEASE_TTL_S="4",
+        FAITHLENS_REAPER_INTERVAL_S="2",
+    ) as (server, url):
+        yield server, {**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}, work, url
 
 
 def start_workers(env: dict, work, n: int) -> list[Worker]:

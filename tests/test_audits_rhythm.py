@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import html
 import re
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from faithlens.tiny import save_tiny
 from service.report_html import render_report
-from tests.servers import start_server
-from tests.test_audits import create, results, start_workers, wait
-from tests.test_job_store import private_redis
+from tests.test_audits import audit_server, create, results, start_workers, wait
 
 UI_DIR = Path(__file__).resolve().parent.parent / "clients" / "python" / "faithlens_client" / "static"
 STATS = {"n", "A", "B", "C", "B_grid", "per_problem"}
@@ -33,27 +29,13 @@ ROWS = [
 def stack(tmp_path_factory):
     """A server and one audit worker, shared by the module's tests."""
     work = tmp_path_factory.mktemp("audits-rhythm")
-    tiny = save_tiny(work / "tiny-llama")
-    suffix = uuid.uuid4().hex[:8]
-    with private_redis(work / "redis") as url:
-        server = start_server(
-            work,
-            tiny,
-            REDIS_URL=url,
-            FAITHLENS_JOB_QUEUE=f"faithlens-jobs-rhythm-{suffix}",
-            FAITHLENS_AUDIT_QUEUE=f"faithlens-audits-rhythm-{suffix}",
-            FAITHLENS_AUDIT_SHARD_SIZE="2",
-            FAITHLENS_MAX_AUDIT_ROW_COST="20000",
-            FAITHLENS_TORCH_THREADS="1",
-        )
-        env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}
-        workers = start_workers(env, work, 1)
+    settings = {"FAITHLENS_AUDIT_SHARD_SIZE": "2", "FAITHLENS_MAX_AUDIT_ROW_COST": "20000"}
+    with audit_server(work, "rhythm", **settings) as (server, _):
+        workers = start_workers({**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}, work, 1)
         try:
             yield server
         finally:
-            for worker in workers:
-                worker.stop()
-            server.stop()
+            workers[0].stop()
 
 
 def run_audit(server, reports: list[str]) -> tuple[str, list[dict]]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import time
-import uuid
 
 import httpx
 import pytest
@@ -25,10 +23,7 @@ from faithlens_client.errors import BadRequestError, ConflictError, NotFoundErro
 from faithlens_client.types import Analysis
 from pydantic import ValidationError
 
-from faithlens.tiny import save_tiny
-from tests.servers import start_server
-from tests.test_job_store import private_redis
-from tests.test_jobs import Worker
+from tests.test_audits import audit_server, start_workers
 
 SAMPLING = {"max_new_tokens": 4}
 ANALYSIS = {"metrics": ["fai", "waad", "flags"]}
@@ -54,29 +49,12 @@ def rows(n: int) -> list[dict]:
 def stack(tmp_path_factory):
     """A server, one worker on its private audit queue, and a private Redis."""
     work = tmp_path_factory.mktemp("client-audits")
-    tiny = save_tiny(work / "tiny-llama")
-    suffix = uuid.uuid4().hex[:8]
-    with private_redis(work / "redis") as url:
-        server = start_server(
-            work,
-            tiny,
-            REDIS_URL=url,
-            FAITHLENS_JOB_QUEUE=f"faithlens-jobs-client-{suffix}",
-            FAITHLENS_AUDIT_QUEUE=f"faithlens-audits-client-{suffix}",
-            FAITHLENS_AUDIT_SHARD_SIZE="4",
-            FAITHLENS_TORCH_THREADS="1",
-        )
-        worker = Worker({**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}, work / "worker.log")
+    with audit_server(work, "client", FAITHLENS_AUDIT_SHARD_SIZE="4") as (server, _):
+        workers = start_workers({**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}, work, 1)
         try:
-            deadline = time.monotonic() + 120
-            while "ready" not in worker.log.read_text(errors="replace"):
-                assert worker.proc.poll() is None, worker.log.read_text()[-3000:]
-                assert time.monotonic() < deadline, worker.log.read_text()[-3000:]
-                time.sleep(0.3)
             yield server
         finally:
-            worker.stop()
-            server.stop()
+            workers[0].stop()
 
 
 @pytest.fixture
