@@ -247,3 +247,10 @@ def test_a_response_study_is_reproducible_and_self_consistent(tiny_llama, respon
     assert grid == [(q, k) for q in (0.1, 0.2, 0.4) for k in (0, 1, 3)]
     assert first.B_grid[grid.index((0.4, 1))] == first.B
     assert not math.isnan(first.A.entropy_sum)
+
+
+def test_sampled_studies_give_each_problem_its_own_seed():
+    assert RhythmConfig().sampling(3).seed is None  # greedy by default (spec §11)
+    sampled = RhythmConfig(temperature=0.7, seed=5)
+    assert [sampled.sampling(i).seed for i in (0, 3)] == [5, 8]
+    assert sampled.sampling(0).temperature == 0.7 and sampled.sampling(0).max_new_tokens == 256

@@ -54,8 +54,10 @@ class RhythmConfig:
     resamples: int = 1000
     analysis: AnalysisParams = field(default_factory=lambda: AnalysisParams(H_hi=None))
 
-    def sampling(self) -> SamplingParams:
-        seed = self.seed if self.temperature > 0 else None
+    def sampling(self, index: int = 0) -> SamplingParams:
+        """How problem ``index``'s response is decoded: greedy, or sampled with its own seed (``seed +
+        index``), so that a problem's response does not depend on which others run with it."""
+        seed = self.seed + index if self.temperature > 0 else None
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
 
 
@@ -313,7 +315,7 @@ def study_problems(
     for index, problem in problems:
         started = time.perf_counter()
         prompt_ids = lm.prompt_ids(problem.question, chat=True)
-        generation = generate(lm, prompt_ids, config.sampling())
+        generation = generate(lm, prompt_ids, config.sampling(index))
         if not generation.token_ids:
             continue
         row = study_response(lm, prompt_ids, generation.token_ids, index=index, config=config)
