@@ -143,13 +143,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = get_core_settings()
     configure_logging(settings.log_level, settings.log_json)
-    try:
-        lm = load_model(args.model or settings.model, settings.device, settings.dtype, settings.cache_dir)
-    except ModelNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    def load() -> LoadedModel:
+        try:
+            return load_model(
+                args.model or settings.model, settings.device, settings.dtype, settings.cache_dir
+            )
+        except ModelNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
     if args.command == "study":
-        return run_study(lm, args)
+        return run_study(args, load)
+    lm = load()
     if args.command == "analyze":
         prompt_ids = lm.prompt_ids(args.prompt, chat=args.chat)
         completion = lm.completion_ids(args.completion)

@@ -134,6 +134,20 @@ def test_the_table_names_pa_figures(tiny_dir, problems):
     assert "sensitivity grid" in out.stdout
 
 
+def test_bad_flags_and_input_fail_before_the_model_loads(tmp_path):
+    """No model at all: the input's and the flags' errors still come first."""
+    missing = run_study("--input", str(tmp_path / "nope.jsonl"), "--model", str(tmp_path / "no-model"))
+    assert missing.returncode != 0 and "nope.jsonl" in missing.stderr and "No model" not in missing.stderr
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"question": "q", "answer": "#### 1"}\n')
+    hot = run_study("--input", str(good), "--temperature", "5", "--model", str(tmp_path / "no-model"))
+    assert hot.returncode != 0 and "temperature" in hot.stderr and "Traceback" not in hot.stderr
+    late = run_study("--input", str(good), "--offset", "3", "--model", str(tmp_path / "no-model"))
+    assert late.returncode != 0 and "no rows after offset 3" in late.stderr
+    no_model = run_study("--input", str(good), "--model", str(tmp_path / "no-model"))
+    assert no_model.returncode == 2 and "No model" in no_model.stderr
+
+
 def test_bad_input_is_a_clear_error(tiny_dir, tmp_path):
     missing = run_study("--input", str(tmp_path / "nope.jsonl"), "--model", str(tiny_dir))
     assert missing.returncode != 0 and "error:" in missing.stderr and "Traceback" not in missing.stderr

@@ -7,9 +7,11 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -48,17 +50,22 @@ def add_study_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return p
 
 
-def run_study(lm: LoadedModel, args: argparse.Namespace) -> int:
-    """Generate, study and pool; print the table or the JSON. Progress goes to the log (stderr)."""
+def run_study(args: argparse.Namespace, load: Callable[[], LoadedModel]) -> int:
+    """Check the input, load the model (``load``), generate, study and pool; print the table or the JSON.
+    Progress goes to the log (stderr). Bad flags and a bad input file fail before the model loads."""
     if args.offset < 0 or (args.n is not None and args.n < 1) or args.max_new_tokens < 1:
         raise SystemExit("error: --offset must be ≥ 0, --n and --max-new-tokens ≥ 1")
     config = RhythmConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     try:
+        config.sampling()  # the sampling parameters' own bounds
         problems = load_problems(args.input, args.offset, args.n)
+    except ValidationError as exc:
+        raise SystemExit(f"error: {exc}") from None
     except (OSError, ValueError) as exc:  # a missing file, a row that is not JSON or not a problem
         raise SystemExit(f"error: {exc}") from None
     if not problems:
         raise SystemExit(f"error: {args.input} has no rows after offset {args.offset}")
+    lm = load()
     started = time.perf_counter()
 
     def progress(row: ResponseRhythm) -> None:
