@@ -105,8 +105,9 @@ class Journal:
         return inside(self.store, Path(name) / "checkpoints" / check_job_id(job.id))
 
     def checkpoints(self, job: Job) -> list[Checkpoint]:
-        """The complete checkpoints on disk, oldest first (a step directory without its trainer state
-        was cut off mid-write and does not count)."""
+        """The complete checkpoints on disk, oldest first. The trainer writes a checkpoint into
+        ``step-N.partial`` and renames it, so a ``step-N`` directory is whole; one without its trainer
+        state (written by an older version) does not count."""
         folder = self.checkpoint_dir(job)
         if not folder.is_dir():
             return []

@@ -429,3 +429,33 @@ def test_the_documented_hyperparameters_are_the_configs():
     block = text.split("<!-- hyperparameters:", 1)[1].split("<!-- /hyperparameters -->", 1)[0]
     documented = [line for line in block.splitlines() if line.startswith("| `")]
     assert documented == hyperparameter_rows()
+
+
+def test_a_checkpoint_cut_off_mid_write_never_appears_complete(tmp_path, monkeypatch):
+    """A worker killed while it writes a checkpoint must not leave a ``step-…`` directory that looks
+    complete (a truncated trainer_state.pt made the resumed job fail with EOFError). The kill is simulated
+    by a torch.save that writes half a file and dies."""
+    import training.trainer as trainer_module
+    from jobs.journal import STEP_DIR
+
+    trainer = Trainer(
+        peaky_tiny(), TrainConfig(num_generations=2, prompts_per_step=2, max_new_tokens=4), PROBLEMS
+    )
+    folder = tmp_path / "checkpoints"
+    trainer.save_checkpoint(folder / "step-000002", {"loss": 1.0})
+    real_save = torch.save
+
+    def killed(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"\x80\x02half a pickle")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(trainer_module.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(folder / "step-000004", {"loss": 0.5})
+    complete = sorted(p.name for p in folder.iterdir() if STEP_DIR.match(p.name))
+    assert complete == ["step-000002"]
+    monkeypatch.setattr(trainer_module.torch, "save", real_save)
+    trainer.save_checkpoint(folder / "step-000004", {"loss": 0.5})  # the next attempt writes it whole
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002", "step-000004"]
+    Trainer(peaky_tiny(), trainer.config, PROBLEMS).load_checkpoint(folder / "step-000004")

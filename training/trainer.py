@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -408,10 +409,19 @@ class Trainer:
         write_base_identity(path, self.lm)  # which base model it fits (faithlens.adapter_check)
 
     def save_checkpoint(self, path: Path, metrics: dict) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.save_adapter(path / "adapter")
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, path / "trainer_state.pt")
-        (path / "metrics.json").write_text(json.dumps(metrics))
+        """Write the checkpoint beside ``path`` and rename it into place: a worker killed mid-write leaves
+        only a ``.partial`` directory (cleared by the next attempt), never a ``path`` that looks complete
+        with a truncated file in it."""
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.save_adapter(partial / "adapter")
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step}
+        torch.save(state, partial / "trainer_state.pt")
+        (partial / "metrics.json").write_text(json.dumps(metrics))
+        if path.exists():  # the same step written again (a resumed run): the new one replaces it
+            shutil.rmtree(path)
+        partial.rename(path)
 
     def load_checkpoint(self, path: Path) -> None:
         from peft import set_peft_model_state_dict
