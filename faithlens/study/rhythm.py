@@ -385,7 +385,10 @@ class RhythmReport:
         }
 
 
-def _with_ci(sums: list[list[float]], figures, config: RhythmConfig) -> dict[str, Any]:
+Figures = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def _with_ci(sums: list[list[float]], figures: Figures, config: RhythmConfig) -> dict[str, Any]:
     values, intervals = bootstrap_pooled(
         np.asarray(sums, dtype=np.float64).reshape(len(sums), 4), figures, config.seed, config.resamples
     )
