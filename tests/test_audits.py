@@ -422,3 +422,42 @@ def test_an_audit_with_an_adapter_equals_the_served_adapter(stack):
             assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     finally:
         worker.stop()
+
+
+def test_hostile_shard_messages_are_refused_and_lose_nothing(stack):
+    """Shard messages are data from Redis: an unknown audit, shard numbers out of range or not numbers,
+    a non-string id and a missing argument are each refused by the real worker, which stays up; the
+    audit's own message, queued after them, still completes every row."""
+    from celery import Celery
+
+    from jobs.audits import RUN_AUDIT_SHARD_TASK
+
+    server, env, work, url = stack
+    queue = env["FAITHLENS_AUDIT_QUEUE"]
+    with server.client() as c:
+        audit = create(c, input=[{"prompt": f"p{i}", "completion": " 1"} for i in range(4)])
+        assert audit["shards"] == 1
+        redis.Redis.from_url(url).delete(queue)  # only the messages below reach the worker
+        sender = Celery(broker=url)
+        hostile = [
+            ["audit_nope", 0],
+            [audit["id"], -1],
+            [audit["id"], 99],
+            [audit["id"], "zero"],
+            [{"$ne": None}, 0],
+            [audit["id"]],
+            [audit["id"], 0],  # the real one, last
+        ]
+        for args in hostile:
+            sender.send_task(RUN_AUDIT_SHARD_TASK, args=args, queue=queue)
+        (worker,) = start_workers(env, work, 1)
+        try:
+            done = wait(c, audit["id"], {"completed", "failed", "cancelled"}, timeout=120)
+            assert done["status"] == "completed", done
+            assert done["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+            assert [line["index"] for line in results(c, audit["id"])] == [0, 1, 2, 3]
+            assert worker.proc.poll() is None, worker.log.read_text()[-3000:]
+            log = worker.log.read_text(errors="replace")
+            assert "refused a shard number" in log and "unknown audit" in log
+        finally:
+            worker.stop()
