@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,3 +107,20 @@ class Analysis(BaseModel):
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    def presented(self, metrics: Iterable[str], model: str, adapter: str | None) -> Analysis:
+        """The annotations as a client asked for them, under the served names: the signals not among
+        ``metrics`` are nulled (they come from the same pass, so they are free, but a response holds what
+        was requested). Changes this object and returns it."""
+        self.model, self.adapter = model, adapter
+        wanted = set(metrics)
+        for token in self.tokens:
+            if "fai" not in wanted:
+                token.fai = None
+            if "waad" not in wanted:
+                token.waad = None
+            if "flags" not in wanted:
+                token.preplan = token.anchor = token.dominated_anchor = token.intro = False
+        if "fai" not in wanted:
+            self.prompt_fai = [None] * len(self.prompt_fai)
+        return self

@@ -26,11 +26,9 @@ from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, Field
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from jobs.models import IllegalTransition
-from jobs.store import PREFIX, update_record, watched
+from jobs.store import PREFIX, newest_first, redis_client, update_record, watched
 
 RUN_AUDIT_SHARD_TASK = "faithlens.run_audit_shard"
 AuditStatus = Literal[
@@ -139,13 +137,7 @@ class AuditStore:
     """Synchronous Redis access (workers use it directly; the API calls it from a thread)."""
 
     def __init__(self, url: str, patient: bool = False) -> None:
-        retry = {}
-        if patient:
-            retry = {
-                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40),
-                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-            }
-        self.redis = redis.Redis.from_url(url, decode_responses=True, **retry)
+        self.redis = redis_client(url, patient)
 
     @classmethod
     def from_client(cls, client: redis.Redis) -> AuditStore:
@@ -182,14 +174,7 @@ class AuditStore:
 
     def list(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[Audit]:
         key = f"{PREFIX}audits" if owner is None else self._owner_key(owner)
-        start = 0
-        if after is not None:
-            rank = self.redis.zrevrank(key, after)
-            if rank is not None:
-                start = rank + 1
-        ids = self.redis.zrevrange(key, start, start + limit - 1)
-        raws = self.redis.mget([self._key(i) for i in ids]) if ids else []
-        return [Audit.model_validate_json(raw) for raw in raws if raw]
+        return newest_first(self.redis, key, self._key, Audit, limit, after)
 
     def set_status(self, audit_id: str, status: str, **fields: Any) -> Audit:
         """Move to ``status`` (a legal transition, else :class:`IllegalTransition` and nothing written),

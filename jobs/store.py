@@ -55,6 +55,38 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
+def redis_client(url: str, patient: bool = False) -> redis.Redis:
+    """A client that decodes responses; ``patient``: it retries calls through a Redis that is briefly
+    away (about 30 s), as a worker in the middle of its work should (the API answers 503 at once)."""
+    retry: dict[str, Any] = {}
+    if patient:
+        retry = {
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40),
+            "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        }
+    return redis.Redis.from_url(url, decode_responses=True, **retry)
+
+
+def newest_first(
+    client: redis.Redis,
+    index: str,
+    record_key: Callable[[str], str],
+    model: type[M],
+    limit: int,
+    after: str | None,
+) -> list[M]:
+    """A page of the records listed in the sorted set ``index``, newest first, from the one after
+    ``after`` (an unknown ``after`` starts at the newest); ids whose record is gone are skipped."""
+    start = 0
+    if after is not None:
+        rank = client.zrevrank(index, after)
+        if rank is not None:
+            start = rank + 1
+    ids = client.zrevrange(index, start, start + limit - 1)
+    raws = client.mget([record_key(i) for i in ids]) if ids else []
+    return [model.model_validate_json(raw) for raw in raws if raw]
+
+
 def watched(client: redis.Redis, keys: list[str], body: Callable[[redis.client.Pipeline], T], what: str) -> T:
     """Optimistic concurrency: run ``body`` with ``keys`` WATCHed. It reads through the pipeline, calls
     ``pipe.multi()`` and queues its writes; if anyone wrote a watched key in between, nothing is written and
@@ -107,15 +139,8 @@ class JobStore:
     ``journal``, every job record written is also written to disk (:mod:`jobs.journal`)."""
 
     def __init__(self, url: str, journal: Journal | None = None, patient: bool = False) -> None:
-        """``patient``: retry calls through a Redis that is briefly away (about 30 s), as a worker in the
-        middle of a job should; the API answers 503 at once instead."""
-        retry = {}
-        if patient:
-            retry = {
-                "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40),
-                "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-            }
-        self.redis = redis.Redis.from_url(url, decode_responses=True, **retry)
+        """``patient``: see :func:`redis_client`."""
+        self.redis = redis_client(url, patient)
         self.journal = journal
 
     def _key(self, job_id: str, part: str = "") -> str:
@@ -192,14 +217,7 @@ class JobStore:
         """Newest first, from the one after ``after`` (an unknown ``after`` starts at the newest).
         ``owner`` given: only that owner's jobs."""
         key = f"{PREFIX}jobs" if owner is None else self._owner_key(owner)
-        start = 0
-        if after is not None:
-            rank = self.redis.zrevrank(key, after)
-            if rank is not None:
-                start = rank + 1
-        ids = self.redis.zrevrange(key, start, start + limit - 1)
-        raws = self.redis.mget([self._key(i) for i in ids]) if ids else []
-        return [Job.model_validate_json(raw) for raw in raws if raw]
+        return newest_first(self.redis, key, self._key, Job, limit, after)
 
     def all_ids(self) -> list[str]:
         return self.redis.zrange(f"{PREFIX}jobs", 0, -1)

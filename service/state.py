@@ -51,20 +51,8 @@ def analysis_spec(options: AnalysisOptions | None) -> AnalysisSpec | None:
 
 
 def present(analysis: Analysis, options: AnalysisOptions, model: str, adapter: str | None) -> Analysis:
-    """The annotations as the client asked for them: the signals it did not ask for are nulled (they come
-    from the same pass, so they are free, but a response should hold what was requested)."""
-    analysis.model, analysis.adapter = model, adapter
-    wanted = set(options.metrics)
-    for token in analysis.tokens:
-        if "fai" not in wanted:
-            token.fai = None
-        if "waad" not in wanted:
-            token.waad = None
-        if "flags" not in wanted:
-            token.preplan = token.anchor = token.dominated_anchor = token.intro = False
-    if "fai" not in wanted:
-        analysis.prompt_fai = [None] * len(analysis.prompt_fai)
-    return analysis
+    """The annotations as the client asked for them (:meth:`faithlens.schema.Analysis.presented`)."""
+    return analysis.presented(options.metrics, model, adapter)
 
 
 def resolve_model(state: ServerState, name: str | None) -> str | None:

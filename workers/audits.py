@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ from jobs.audits import (
 from jobs.journal import inside
 from jobs.models import IllegalTransition
 from jobs.store import PREFIX
-from workers.runner import WorkerSettings
+from workers.runner import Heartbeat, WorkerSettings
 
 log = logging.getLogger("faithlens.worker")
 
@@ -112,22 +113,6 @@ def _adapter(lm: LoadedModel, core: CoreSettings, path: str | None) -> str | Non
     return internal
 
 
-def present(analysis: Analysis, metrics: list[str], model: str, adapter: str | None) -> Analysis:
-    """As the server's ``service.state.present``: the signals not asked for are nulled."""
-    analysis.model, analysis.adapter = model, adapter
-    wanted = set(metrics)
-    for token in analysis.tokens:
-        if "fai" not in wanted:
-            token.fai = None
-        if "waad" not in wanted:
-            token.waad = None
-        if "flags" not in wanted:
-            token.preplan = token.anchor = token.dominated_anchor = token.intro = False
-    if "fai" not in wanted:
-        analysis.prompt_fai = [None] * len(analysis.prompt_fai)
-    return analysis
-
-
 def _row_prompt_ids(lm: LoadedModel, row: dict, limit: int) -> list[int]:
     messages = row.get("messages")
     if messages is not None:
@@ -184,7 +169,7 @@ def run_row(
             analysis = analyze(lm, prompt_ids, response_ids, params, saliency=saliency)
     except ValueError as exc:  # options that do not fit this sequence
         raise RowError("invalid_request", str(exc)[:1000]) from exc
-    analysis = present(analysis, options["metrics"], audit.model, audit.adapter)
+    analysis = analysis.presented(options["metrics"], audit.model, audit.adapter)  # as the server does
     correct = None
     reference = row.get("reference")
     if reference is not None:
@@ -287,34 +272,6 @@ def _check_cost(
         )
 
 
-class _Heartbeat:
-    def __init__(self, store: AuditStore, audit_id: str, shard: int, owner: str, ttl_s: int) -> None:
-        self.args = (store, audit_id, shard, owner, ttl_s)
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        store, audit_id, shard, owner, ttl_s = self.args
-        while not self._stop.wait(ttl_s / 3):
-            try:
-                if store.renew_lease(audit_id, shard, owner, ttl_s):
-                    continue
-                if not store.take_lease(audit_id, shard, owner, ttl_s):
-                    self.lost = True
-                    return
-            except Exception:
-                log.warning("shard lease renewal failed", extra={"audit": audit_id, "shard": shard})
-
-
 def run_shard(
     audit_id: str,
     shard: int,
@@ -347,7 +304,10 @@ def run_shard(
         maybe_finalize(store, audit_id)
         return "done"
     try:
-        with _Heartbeat(store, audit_id, shard, lease_id, ttl) as heartbeat:
+        renew, take = (
+            partial(f, audit_id, shard, lease_id, ttl) for f in (store.renew_lease, store.take_lease)
+        )
+        with Heartbeat(renew, take, ttl, {"audit": audit_id, "shard": shard}) as heartbeat:
             return _run_leased(store, audit, shard, worker, concurrency, settings, heartbeat)
     finally:
         store.release_lease(audit_id, shard, lease_id)
@@ -362,7 +322,7 @@ def _run_leased(
     worker: str,
     concurrency: int,
     settings: WorkerSettings,
-    heartbeat: _Heartbeat,
+    heartbeat: Heartbeat,
 ) -> str:
     if store.cancel_requested(audit.id):
         return "cancelled"

@@ -8,8 +8,11 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import redis
 import torch
@@ -76,12 +79,15 @@ class LeaseLost(Exception):
 
 
 class Heartbeat:
-    """Renews the job's lease in the background while the (blocking) training loop runs. A lease that
-    vanished (Redis restarted without it) is taken again; one that another worker holds now means this
-    worker must stop (``lost``), so that the job never runs twice at once."""
+    """Renews a lease in the background while blocking work runs (a job's training loop, an audit
+    shard's rows). A lease that vanished (Redis restarted without it) is taken again; one that another
+    worker holds now means this worker must stop (``lost``), so that the work never runs twice at once.
+    ``renew`` and ``take`` are the store's calls for this lease; ``context`` names it in the logs."""
 
-    def __init__(self, store: JobStore, job_id: str, owner: str, ttl_s: int) -> None:
-        self.store, self.job_id, self.owner, self.ttl_s = store, job_id, owner, ttl_s
+    def __init__(
+        self, renew: Callable[[], bool], take: Callable[[], bool], ttl_s: int, context: dict[str, Any]
+    ) -> None:
+        self.renew, self.take, self.ttl_s, self.context = renew, take, ttl_s, context
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -97,15 +103,15 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if self.store.renew_lease(self.job_id, self.owner, self.ttl_s):
+                if self.renew():
                     continue
-                if not self.store.take_lease(self.job_id, self.owner, self.ttl_s):
+                if not self.take():
                     self.lost = True
-                    log.error("lease taken by another worker; stopping", extra={"job": self.job_id})
+                    log.error("lease taken by another worker; stopping", extra=self.context)
                     return
-                log.warning("lease was gone (Redis restarted?); taken again", extra={"job": self.job_id})
+                log.warning("lease was gone (Redis restarted?); taken again", extra=self.context)
             except redis.RedisError:
-                log.warning("lease renewal failed", extra={"job": self.job_id})
+                log.warning("lease renewal failed", extra=self.context)
 
 
 def run_job(job_id: str, worker_id: str, settings: WorkerSettings | None = None) -> str:
@@ -128,7 +134,9 @@ def run_job(job_id: str, worker_id: str, settings: WorkerSettings | None = None)
     if not store.take_lease(job_id, worker_id, settings.queue.job_lease_ttl_s):
         raise LeaseBusy(settings.queue.job_lease_ttl_s)
     try:
-        with Heartbeat(store, job_id, worker_id, settings.queue.job_lease_ttl_s) as heartbeat:
+        ttl = settings.queue.job_lease_ttl_s
+        renew, take = (partial(f, job_id, worker_id, ttl) for f in (store.renew_lease, store.take_lease))
+        with Heartbeat(renew, take, ttl, {"job": job_id}) as heartbeat:
             return _run_leased(store, journal, job, settings, heartbeat)
     except LeaseLost:
         return "lease_lost"

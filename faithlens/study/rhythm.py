@@ -229,11 +229,15 @@ def perturbation_trials(
     ``high`` and at ``low``; a trial's similarities are the Jaccard of the content words of the original's
     tokens after the position and of the perturbed continuation (as many tokens)."""
     runs = perturbed_continuations(lm, prompt_ids, response_ids, candidates, config, adapter)
+    originals = {}
+    for position in (high, low):
+        length = continuation_length(response_ids, position, config)
+        originals[position] = content_words(
+            lm.tokenizer.decode(response_ids[position + 1 : position + 1 + length])
+        )
 
     def similarity(position: int, i: int) -> float:
-        length = continuation_length(response_ids, position, config)
-        original = lm.tokenizer.decode(response_ids[position + 1 : position + 1 + length])
-        return jaccard(content_words(original), content_words(runs[position][i].text))
+        return jaccard(originals[position], content_words(runs[position][i].text))
 
     return [
         Trial(

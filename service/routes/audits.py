@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faithlens import cost
 from faithlens.data import load_gsm8k
@@ -51,35 +51,20 @@ from service.auth import Principal, require
 from service.errors import APIError
 from service.openai_schemas import _inline, event_stream
 from service.routes.native import ERRORS
-from service.schemas import AnalysisOptions, ErrorResponse, Message
+from service.schemas import AnalysisOptions, ErrorResponse, Message, PromptInput
 from service.state import ServerState, get_state
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"], responses=ERRORS)
 
 
-class AuditRow(BaseModel):
+class AuditRow(PromptInput):
     """One input row: ``prompt`` (raw text; ``chat`` wraps it in the chat template) or ``messages``,
     exactly one; ``completion`` to analyse (absent: generated with the audit's ``sampling``);
     ``reference``, a GSM8K answer (``... #### 42``) or a bare number, to score correctness."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str | None = Field(default=None, max_length=256)
-    prompt: str | None = Field(default=None, min_length=1)
-    messages: list[Message] | None = Field(default=None, min_length=1)
-    chat: bool = False
     completion: str | None = None
     reference: str | int | float | None = None
-
-    @model_validator(mode="after")
-    def _one_input(self) -> AuditRow:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
-        return self
-
-    def message_dicts(self) -> list[dict[str, str]] | None:
-        if self.messages is None:
-            return None
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
 class AuditUpload(BaseModel):
