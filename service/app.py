@@ -34,6 +34,7 @@ from service.routes import admin, audits, capabilities, jobs, native, openai, op
 from service.settings import ServiceSettings, get_service_settings
 from service.state import ServerState
 from service.telemetry import Telemetry
+from service.view import find_view_dir
 
 log = logging.getLogger("faithlens.service")
 
@@ -158,6 +159,10 @@ def create_app(
     )
     app.state.api_keys = settings.parsed_api_keys()
     app.state.ui_dir = settings.ui_dir
+    if settings.ui_dir is None and find_view_dir() is None:
+        log.warning(
+            "the audit view's files are not installed: /ui and HTML reports answer 501 ui_unavailable"
+        )
     app.state.redis_configured = bool(layers.queue.redis_url)
     app.state.faithlens = None
     install_error_handlers(app)

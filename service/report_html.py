@@ -1,7 +1,7 @@
 """The audit's reports (the summary, the rhythm study) as one self-contained HTML page: inline CSS, inline
 SVG plots drawn here, one small inline script, no network. Each row's audit view opens in a new tab from a
-``blob:`` page built in the browser from the row's annotations and the audit view's own files (the client
-package's ``audit.js`` and ``audit.css``, read from disk as ``/ui`` serves them). All text is escaped;
+``blob:`` page built in the browser from the row's annotations and the audit view's own files (``audit.js``
+and ``audit.css``, read from disk as ``/ui`` serves them: service/view.py). All text is escaped;
 embedded JSON has ``<``, ``>``, ``&`` and ``/`` escaped so row text cannot close a script element."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from faithlens.report import Distribution, Estimate, GroupStats, Histogram, SummaryReport
+from service.view import read_asset
 
 LABELS = {
     "mean_fai": "Mean FAI",
@@ -89,12 +90,6 @@ SCRIPT = r"""
   });
 })();
 """
-
-
-def _default_ui_dir() -> Path:
-    from service.settings import _client_static
-
-    return _client_static()
 
 
 def _finite_json(value: Any) -> Any:
@@ -574,12 +569,9 @@ def render_report(
     """The self-contained report page for an audit: its ``summary`` report and/or its ``rhythm`` report
     (each None when the audit did not ask for it). ``rows`` are the audit's result lines
     (``{id, index, text, annotations, correct, error}``); ``ui_dir`` holds ``audit.js`` and ``audit.css``
-    (default: the installed client package's, as ``/ui`` serves them)."""
-    ui = ui_dir or _default_ui_dir()
-    assets = {
-        "css": (ui / "audit.css").read_text(encoding="utf-8"),
-        "js": (ui / "audit.js").read_text(encoding="utf-8"),
-    }
+    (default: the ones installed with the server, as ``/ui`` serves them). Without them, the 501
+    ``ui_unavailable`` APIError of :func:`service.view.view_file`."""
+    assets = {"css": read_asset(ui_dir, "audit.css"), "js": read_asset(ui_dir, "audit.js")}
     rows_table, annotations = _rows_table(audit_id, rows)
     names = [name for name, r in (("summary", report), ("rhythm", rhythm)) if r is not None]
     title = f"faithlens audit {audit_id}: {' and '.join(names) or 'report'}"

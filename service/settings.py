@@ -4,7 +4,6 @@ and :mod:`jobs.settings`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -13,14 +12,6 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|\[[0-9a-f:.]+\]")
-
-
-def _client_static() -> Path:
-    """The audit view's files, from the installed client package (not from a source tree)."""
-    spec = importlib.util.find_spec("faithlens_client")
-    if spec is None or not spec.submodule_search_locations:
-        return Path("faithlens_client-not-installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 
 class ServiceSettings(BaseSettings):
@@ -74,9 +65,10 @@ class ServiceSettings(BaseSettings):
     max_new_tokens: int = Field(default=1024, ge=1, description="Upper bound a request may ask for.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Request body size limit.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 503 overloaded.")
-    ui_dir: Path = Field(
-        default_factory=_client_static,
-        description="The audit view's files (the client package's renderer), served at /ui.",
+    ui_dir: Path | None = Field(
+        default=None,
+        description="The audit view's files, served at /ui and inlined in HTML reports; unset: the ones "
+        "installed with the server (service/view.py).",
     )
 
     def parsed_allowed_hosts(self) -> list[str]:

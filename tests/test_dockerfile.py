@@ -1,6 +1,7 @@
 """The image's file set, built without Docker: the Dockerfile's COPY lines are copied from the checkout into
 an empty directory, a fresh venv there runs the Dockerfile's ``pip install`` lines, and the API, the worker,
-the audit view's files and the embedded model must then all be found in that venv.
+the audit view's files and the embedded model must then all be found in that venv; ``/ui`` must serve the
+view and the HTML audit report must inline it, without the client package (which the image lacks).
 
 Offline: the dependencies come from a wheelhouse made of this venv's own installed distributions (each
 repacked as a wheel, or taken from pip's find-links when a wheel of the same version is there), so the
@@ -266,23 +267,63 @@ def _build_and_import(tmp_path: Path) -> None:
         )
 
     check = r"""
-import importlib, sys
+import asyncio, importlib, importlib.util, json, sys
 from pathlib import Path
 venv = Path(sys.prefix)
 for name in ["faithlens", "service.app", "service.launcher", "jobs.store", "training.trainer",
-             "workers", "workers.app", "workers.tasks", "workers.runner", "faithlens_client"]:
+             "workers", "workers.app", "workers.tasks", "workers.runner"]:
     module = importlib.import_module(name)
     assert Path(module.__file__).is_relative_to(venv), (name, module.__file__)
+# the server's pages need no client package: the image does not install it
+assert importlib.util.find_spec("faithlens_client") is None
 from service.app import create_app
-from service.settings import ServiceSettings
+from service.view import FILES, find_view_dir
 from faithlens.model import embedded_source
-ui = ServiceSettings().ui_dir
-missing = [f for f in ("ui.html", "ui.js", "audit.js", "audit.css") if not (ui / f).is_file()]
-assert not missing, (ui, missing)
-assert Path(ui).is_relative_to(venv), ui
+ui = find_view_dir()
+assert ui is not None and ui.is_relative_to(venv), ui
 source = embedded_source()
 assert (source.directory / source.gguf_file).is_file() and source.directory.is_relative_to(venv), source
-assert len(create_app().openapi()["paths"]) > 10
+app = create_app()
+assert len(app.openapi()["paths"]) > 10
+
+
+async def get(path):
+    # one GET through the whole ASGI app (its guards included) from a loopback peer, without a server
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:8000")], "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8000)}
+    sent, done, asked = [], asyncio.Event(), []
+
+    async def receive():  # the (empty) body once, then the client leaves when the answer is complete
+        if not asked:
+            asked.append(True)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    await asyncio.wait_for(app(scope, receive, send), 60)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+# /ui and its files, as the server serves them
+for path, name in [("/ui", "ui.html"), *((f"/ui/static/{f}", f) for f in FILES if f != "ui.html")]:
+    status, body = asyncio.run(get(path))
+    assert status == 200 and body == (ui / name).read_bytes(), (path, status, body[:300])
+# the HTML report, as GET /v1/audits/{id}/report?format=html renders it: the view's files inlined
+from service.report_html import render_report
+row = {"id": "r0", "index": 0, "text": "4", "correct": True, "error": None,
+       "annotations": {"summary": {"num_anchors": 0}}}
+page = render_report("aud-1", None, [row])
+marker = '<script type="application/json" id="fl-assets">'
+assets = json.loads(page.split(marker, 1)[1].split("</script>", 1)[0])
+assert assets == {"css": (ui / "audit.css").read_text(), "js": (ui / "audit.js").read_text()}
 print("ok")
 """
     elsewhere = tmp_path / "elsewhere"  # not the copied tree: imports must come from the venv

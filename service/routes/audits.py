@@ -531,6 +531,10 @@ def _lines_between(store: AuditStore, audit: Audit, start: int, end: int) -> lis
     responses={
         200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "JSON, or HTML."},
         409: {"model": ErrorResponse, "description": "The audit has not completed."},
+        501: {
+            "model": ErrorResponse,
+            "description": "`format=html` on a server without the audit view's files (`ui_unavailable`).",
+        },
     },
 )
 async def get_report(
