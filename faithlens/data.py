@@ -9,6 +9,8 @@ from pathlib import Path
 from faithlens.settings import get_core_settings
 
 SPLITS = ("train", "dev")
+# The data sets jobs and audits name, each a GSM8K split read from FAITHLENS_DATA_DIR.
+DATASETS = {"gsm8k-dev": "dev", "gsm8k-train": "train"}
 
 
 @dataclass(frozen=True)
@@ -17,14 +19,37 @@ class Problem:
     answer: str
 
 
-def gsm8k_path(split: str, data_dir: Path | None = None) -> Path:
+def gsm8k_location(split: str, data_dir: Path | None = None) -> Path:
+    """Where GSM8K's ``split`` is looked for (``<data_dir>/gsm8k/<split>.jsonl``), there or not."""
     if split not in SPLITS:
         raise ValueError(f"unknown GSM8K split {split!r}; expected one of {SPLITS}")
-    root = data_dir or get_core_settings().data_dir
-    path = Path(root) / "gsm8k" / f"{split}.jsonl"
+    return Path(data_dir or get_core_settings().data_dir) / "gsm8k" / f"{split}.jsonl"
+
+
+def gsm8k_path(split: str, data_dir: Path | None = None) -> Path:
+    path = gsm8k_location(split, data_dir)
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K {split} not found at {path}; set FAITHLENS_DATA_DIR")
     return path
+
+
+def dataset_unavailable(name: str, data_dir: Path | None = None) -> str | None:
+    """None when the data set ``name`` (a key of DATASETS) can be read here; otherwise why not: where its
+    file was looked for and which variable to set. Checked where a job or an audit is created, so that a
+    missing file is refused up front rather than failing on a worker later."""
+    split = DATASETS[name]
+    path = gsm8k_location(split, data_dir)
+    if path.is_file():
+        return None
+    return (
+        f"data set {name} is not available on this server: no file at {path}. Set FAITHLENS_DATA_DIR "
+        f"(for the server and the workers) to the folder that holds gsm8k/{split}.jsonl"
+    )
+
+
+def datasets_available(data_dir: Path | None = None) -> dict[str, bool]:
+    """Whether each data set of DATASETS can be read here, by name (``/readyz`` reports it)."""
+    return {name: dataset_unavailable(name, data_dir) is None for name in DATASETS}
 
 
 def load_gsm8k(split: str, limit: int | None = None, data_dir: Path | None = None) -> list[Problem]:

@@ -36,7 +36,6 @@ AuditStatus = Literal[
 ]
 TERMINAL = {"completed", "failed", "cancelled"}
 REPORTS = ("summary", "rhythm")  # the report names an audit may ask for (docs/api.md)
-DATASETS = {"gsm8k-dev": "dev", "gsm8k-train": "train"}
 TRANSITIONS: dict[str, frozenset[str]] = {
     "validating": frozenset({"in_progress", "failed", "cancelling", "cancelled"}),
     "in_progress": frozenset({"finalizing", "failed", "cancelling"}),

@@ -21,6 +21,7 @@ from service.launcher import redis_server_binary
 from tests.servers import REPO, free_port, start_server
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+DATASETS = {"gsm8k-dev": True, "gsm8k-train": True}  # conftest points FAITHLENS_DATA_DIR at ../shared/data
 
 
 class PrivateRedis:
@@ -93,7 +94,12 @@ def test_readiness_survives_a_redis_blip_and_jobs_answer_503_meanwhile(keyless, 
     with keyless.client() as c:
         ready = c.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready", "checks": {"model": True, "engine": True}, "redis": "ok"}
+        assert ready.json() == {
+            "status": "ready",
+            "checks": {"model": True, "engine": True},
+            "redis": "ok",
+            "datasets": DATASETS,
+        }
         assert c.get("/v1/jobs").status_code == 200
 
         redis_server.stop()
@@ -103,6 +109,7 @@ def test_readiness_survives_a_redis_blip_and_jobs_answer_503_meanwhile(keyless, 
             "status": "degraded",
             "checks": {"model": True, "engine": True},
             "redis": "down",
+            "datasets": DATASETS,
         }
         calls = [
             ("GET", "/v1/jobs", None),
@@ -130,6 +137,7 @@ def test_readiness_survives_a_redis_blip_and_jobs_answer_503_meanwhile(keyless, 
             "status": "ready",
             "checks": {"model": True, "engine": True},
             "redis": "ok",
+            "datasets": DATASETS,
         }
         assert c.get("/v1/jobs").status_code == 200
     log = keyless.log_text()

@@ -26,14 +26,13 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faithlens import cost
-from faithlens.data import load_gsm8k
+from faithlens.data import DATASETS, dataset_unavailable, load_gsm8k
 from faithlens.engine import EngineError, Prompt
 from faithlens.model import encode_completion, encode_prompt
 from faithlens.params import SamplingParams
 from faithlens.schema import Analysis
 from faithlens.settings import get_core_settings
 from jobs.audits import (
-    DATASETS,
     REPORTS,
     RUN_AUDIT_SHARD_TASK,
     TERMINAL,
@@ -181,17 +180,23 @@ def _row(data: Any, line: int) -> AuditRow:
 
 
 def _rows(body: CreateAuditRequest, data_dir: Any, max_rows: int) -> tuple[str, list[AuditRow]]:
-    """(``input`` as the audit records it, the rows); 400 for a bad file or an unknown dataset."""
+    """(``input`` as the audit records it, the rows); 400 for a bad file, an unknown data set, or one whose
+    file this server does not have (``dataset_unavailable``: its message says where it was looked for)."""
     source = body.input
     if isinstance(source, str):
         if source not in DATASETS:
             known = ", ".join(DATASETS)
             raise APIError(400, "unknown_dataset", f"no dataset {source[:100]!r}; known: {known}", "input")
+        if (missing := dataset_unavailable(source, data_dir)) is not None:
+            raise APIError(400, "dataset_unavailable", missing, "input")
         try:
             problems = load_gsm8k(DATASETS[source], limit=body.limit, data_dir=data_dir)
-        except (FileNotFoundError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # there, but unreadable or not GSM8K rows
             raise APIError(
-                400, "unknown_dataset", f"dataset {source!r} is not available here", "input"
+                400,
+                "dataset_unavailable",
+                f"data set {source} cannot be read on this server: {type(exc).__name__}: {exc}",
+                "input",
             ) from exc
         rows = [
             AuditRow(

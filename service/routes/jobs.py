@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from faithlens.data import dataset_unavailable
 from faithlens.params import NonEmpty
 from faithlens.settings import get_core_settings
 from jobs.models import (
@@ -37,7 +38,7 @@ from service.openai_schemas import event_stream
 from service.routes.native import ERRORS
 from service.schemas import AdapterName, ErrorResponse
 from service.state import ServerState, get_state
-from training.config import TrainConfig, TrainHyperparameters
+from training.config import TrainConfig, TrainHyperparameters, backend_unavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
@@ -149,6 +150,9 @@ def _config(body: CreateJobRequest, max_new_tokens: int, max_lora_rank: int) -> 
             "(FAITHLENS_MAX_LORA_RANK)",
             "method.lora_r",
         )
+    why = backend_unavailable(hyper["backend"])
+    if why is not None:  # refused now, not failed later on a worker
+        raise APIError(400, "backend_unavailable", why, "method.backend")
     try:
         return TrainConfig(method=body.method.type, seed=body.seed, **hyper)
     except ValidationError as exc:  # the fields passed JobMethod: only a cross-field rule can fail here
@@ -189,7 +193,13 @@ async def create_job(
         )
     config = _config(body, state.settings.max_new_tokens, get_core_settings().max_lora_rank)
     rows = None
-    if isinstance(body.training_data, UploadedData):
+    if isinstance(body.training_data, str):  # a data set this server's workers read: it must be here
+        missing = await asyncio.to_thread(
+            dataset_unavailable, body.training_data, get_core_settings().data_dir
+        )
+        if missing is not None:
+            raise APIError(400, "dataset_unavailable", missing, "training_data")
+    elif isinstance(body.training_data, UploadedData):
         rows = body.training_data.rows()
     elif isinstance(body.training_data, list):
         rows = body.training_data

@@ -10,6 +10,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
+from faithlens.data import datasets_available
+from faithlens.settings import get_core_settings
+
 router = APIRouter(tags=["operations"])
 
 
@@ -31,6 +34,11 @@ class Readiness(BaseModel):
     redis: Literal["ok", "down", "disabled"] = Field(
         description="Redis (jobs, hot-load), which readiness does not depend on: `disabled` without REDIS_URL."
     )
+    datasets: dict[str, bool] = Field(
+        description="Whether each named data set (`gsm8k-dev`, `gsm8k-train`) is in FAITHLENS_DATA_DIR, which "
+        "readiness does not depend on: jobs and audits that name a missing one are refused (400 "
+        "`dataset_unavailable`), everything else works."
+    )
 
 
 @router.get("/healthz")
@@ -45,8 +53,9 @@ async def healthz() -> Health:
     responses={503: {"model": Readiness, "description": "Not ready: a check failed (`checks` says which)."}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    """The server can serve inference: the model is loaded and the engine runs. Redis is reported beside
-    (a Redis blip must not take the server out of a load balancer; jobs routes answer 503 meanwhile)."""
+    """The server can serve inference: the model is loaded and the engine runs. Redis and the data sets are
+    reported beside (a Redis blip must not take the server out of a load balancer; jobs routes answer 503
+    meanwhile; a missing data set refuses only the jobs and audits that name it)."""
     state = getattr(request.app.state, "faithlens", None)
     checks = ReadinessChecks(
         model=state is not None, engine=state is not None and state.engine.health().ready
@@ -54,7 +63,8 @@ async def readyz(request: Request) -> JSONResponse:
     redis = await _redis(request)
     ready = checks.model and checks.engine
     status = "not_ready" if not ready else "ready" if redis != "down" else "degraded"
-    body = Readiness(status=status, checks=checks, redis=redis)
+    datasets = await asyncio.to_thread(datasets_available, get_core_settings().data_dir)
+    body = Readiness(status=status, checks=checks, redis=redis, datasets=datasets)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
