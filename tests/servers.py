@@ -48,8 +48,16 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(workdir: Path, model: Path | None, ready_timeout: float = 180, **env: str) -> Server:
-    """Start a server and wait for ``/readyz``. ``model=None`` serves the embedded SmolLM2.
+def start_server(
+    workdir: Path,
+    model: Path | None,
+    ready_timeout: float = 180,
+    python: Path | str = sys.executable,
+    cwd: Path = REPO,
+    **env: str,
+) -> Server:
+    """Start a server and wait for ``/readyz``. ``model=None`` serves the embedded SmolLM2. ``python`` and
+    ``cwd`` run it with another interpreter (another install of the project) from another directory.
 
     Each server gets its own adapter store and its own hot-load channel, so parallel test runs on one
     Redis do not hear each other."""
@@ -71,8 +79,8 @@ def start_server(workdir: Path, model: Path | None, ready_timeout: float = 180, 
         full_env.pop("FAITHLENS_MODEL", None)
     log = workdir / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
+        [str(python), "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
         env=full_env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
