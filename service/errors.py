@@ -21,7 +21,9 @@
 | 404 | model_not_found | unknown model or adapter name |
 | 404 | not_found | unknown route or object |
 | 405 | method_not_allowed | wrong HTTP method |
+| 400 | dataset_unavailable | a job or audit names a data set whose file is not in FAITHLENS_DATA_DIR; the message says where it was looked for |
 | 413 | body_too_large | request body over FAITHLENS_MAX_BODY_BYTES |
+| 501 | ui_unavailable | /ui or an HTML report on a server without the audit view's files (service/view.py); the message says where they were looked for |
 | 503 | overloaded | the queue is full; see Retry-After |
 | 503 | redis_unavailable | a jobs route while Redis is unreachable; see Retry-After (inference goes on) |
 | 499 | cancelled | the client went away (only in logs and metrics: nobody reads the response) |
