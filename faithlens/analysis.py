@@ -127,15 +127,16 @@ def _resolve_split(
 
 
 def new_probe(
-    lm: LoadedModel,
+    lm: LoadedModel | torch.nn.Module,
     prompt_len: int,
     params: AnalysisParams,
     heads: FixedHeads | None = None,
     compute: ComputeOptions | None = None,
 ) -> AttentionProbe:
     """A probe for one sequence whose response starts at ``prompt_len`` (spec §1–4 parameters); with
-    fixed ``heads``, only their layers are probed."""
-    model = unwrap(lm.model)
+    fixed ``heads``, only their layers are probed. ``lm`` may be a bare (or peft-wrapped) model: a TRL
+    trainer holds no :class:`LoadedModel`."""
+    model = unwrap(lm.model if isinstance(lm, LoadedModel) else lm)
     compute = compute or ComputeOptions()
     layers = (
         sorted({layer for group in heads for layer, _ in group})

@@ -205,14 +205,18 @@ class AttentionProbe:
 
 @dataclass
 class BatchProbe:
-    """One :class:`AttentionProbe` per row of a right-padded batch (row b holds ``lengths[b]`` tokens).
+    """One :class:`AttentionProbe` per row of a padded batch: row b holds its ``lengths[b]`` tokens at
+    positions ``starts[b]`` on (0 when ``starts`` is None: right padding).
 
-    Right padding leaves every row's first ``lengths[b]`` positions exactly as in an unpadded pass, so
-    each probe sees its own sequence; this lets the trainer read γ's metrics off its own forward pass.
+    A row's real tokens attend only to each other (padding is masked), so each probe sees its own
+    sequence as an unpadded pass would; this lets a trainer read γ's metrics off its own forward pass.
+    ``starts`` serves TRL's layout (left-padded prompt, right-padded completion), where a row's tokens
+    begin after its prompt's left padding.
     """
 
     probes: list[AttentionProbe]
     lengths: list[int]
+    starts: list[int] | None = None
     seconds: float = 0.0  # time spent observing: what the probe adds to the pass it rides on
 
     def observe(
@@ -227,9 +231,11 @@ class BatchProbe:
         if query.shape[0] != len(self.probes):
             raise ValueError(f"BatchProbe holds {len(self.probes)} rows, the batch has {query.shape[0]}")
         started = time.perf_counter()
-        for b, (probe, n) in enumerate(zip(self.probes, self.lengths, strict=True)):
+        starts = self.starts or [0] * len(self.probes)
+        for b, (probe, n, s) in enumerate(zip(self.probes, self.lengths, starts, strict=True)):
             rows_mask = None
             if attention_mask is not None:
-                rows_mask = attention_mask[min(b, attention_mask.shape[0] - 1), None, :, :n, :n]
-            probe.observe(module, query[b : b + 1, :, :n], key[b : b + 1, :, :n], rows_mask, scaling, softcap)
+                rows_mask = attention_mask[min(b, attention_mask.shape[0] - 1), None, :, s : s + n, s : s + n]
+            query_b, key_b = query[b : b + 1, :, s : s + n], key[b : b + 1, :, s : s + n]
+            probe.observe(module, query_b, key_b, rows_mask, scaling, softcap)
         self.seconds += time.perf_counter() - started

@@ -9,6 +9,7 @@ docs/api.md, "Fine-tuning jobs".
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +19,7 @@ from training.credit import CREDIT_STRATEGIES
 
 Method = Literal["grpo", "atmanrl"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
+Backend = Literal["native", "trl"]
 
 MAX_ROLLOUTS_PER_BATCH = 256  # prompts_per_step × num_generations: sequences decoded (and held) together
 
@@ -30,6 +32,20 @@ def _known_credit(name: str) -> str:
 RewardName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(reward_lib.check)]
 CreditName = Annotated[str, AfterValidator(_known_credit)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+
+
+def backend_unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run in this environment, or None when it can. ``trl`` needs the optional
+    extra; this is checked without importing it (the server asks before it queues a job)."""
+    if backend != "trl":
+        return None
+    try:
+        found = importlib.util.find_spec("trl") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    return (
+        None if found else "the trl backend needs TRL, which is not installed: pip install 'faithlens[trl]'"
+    )
 
 
 def _finite(**bounds: Any) -> Any:
@@ -115,6 +131,12 @@ class TrainHyperparameters(BaseModel):
         max_length=32,
         description="Module names LoRA wraps.",
     )
+    # the trainer
+    backend: Backend = Field(
+        default="native",
+        description="The trainer that runs the job: `native` (training/trainer.py) or `trl` (TRL's "
+        "GRPOTrainer with the same credit, training/trl.py; needs the `trl` extra; method `grpo` only).",
+    )
     # bookkeeping
     checkpoint_every: int = Field(default=5, ge=1, le=100_000, description="Steps between checkpoints.")
     chat: bool = Field(default=True, description="Wrap questions in the chat template.")
@@ -141,6 +163,8 @@ class TrainConfig(TrainHyperparameters):
     @model_validator(mode="after")
     def _method_defaults(self) -> TrainConfig:
         if self.method == "atmanrl":
+            if self.backend == "trl":
+                raise ValueError("the trl backend runs method grpo; atmanrl runs on the native backend")
             self.scale_rewards = False  # mean-centred advantages, without the std (spec §8)
         return self
 

@@ -404,9 +404,7 @@ class Trainer:
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save_adapter(self, path: Path) -> None:
-        self.lm.model.save_pretrained(path, selected_adapters=[ADAPTER], safe_serialization=True)
-        _flatten_adapter_dir(path)
-        write_base_identity(path, self.lm)  # which base model it fits (faithlens.adapter_check)
+        save_adapter(self.lm.model, self.lm, path)
 
     def save_checkpoint(self, path: Path, metrics: dict) -> None:
         """Write the checkpoint beside ``path`` and rename it into place: a worker killed mid-write leaves
@@ -432,6 +430,15 @@ class Trainer:
         state = torch.load(path / "trainer_state.pt", map_location=self.lm.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+
+
+def save_adapter(model: torch.nn.Module, lm: LoadedModel, path: Path) -> None:
+    """Write the LoRA adapter ``ADAPTER`` of the peft ``model`` (trained on ``lm``'s base) as the adapter
+    store holds it: a flat directory the server loads, with the base model it fits. Both backends publish
+    through this one function, so their adapters are interchangeable."""
+    model.save_pretrained(path, selected_adapters=[ADAPTER], safe_serialization=True)
+    _flatten_adapter_dir(path)
+    write_base_identity(path, lm)  # which base model it fits (faithlens.adapter_check)
 
 
 def _flatten_adapter_dir(path: Path) -> None:

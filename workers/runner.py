@@ -25,7 +25,7 @@ from jobs.journal import Journal, UnsafePath, check_adapter_name, check_job_id, 
 from jobs.models import TERMINAL, Checkpoint, Job, JobError
 from jobs.settings import QueueSettings, get_queue_settings
 from jobs.store import JobStore
-from training.config import TrainConfig
+from training.config import TrainConfig, backend_unavailable
 from training.trainer import Cancelled, Hooks, Trainer
 
 log = logging.getLogger("faithlens.worker")
@@ -205,13 +205,26 @@ def _train(
     def should_stop() -> bool:
         return heartbeat.lost or store.cancel_requested(job.id)
 
-    trainer = Trainer(lm, config, problems, Hooks(on_metrics, should_stop, on_checkpoint))
+    trainer = _trainer_class(config)(lm, config, problems, Hooks(on_metrics, should_stop, on_checkpoint))
     checkpoints = journal.checkpoints(job)  # the disk is the truth: Redis may have lost its list
     if checkpoints:
         trainer.load_checkpoint(inside(core.adapters, checkpoints[-1].path))
         store.event(job.id, f"resumed from the checkpoint at step {trainer.step}")
     final = trainer.train(checkpoint_dir)
     _publish(store, job, settings, trainer, final, adapter_root)
+
+
+def _trainer_class(config: TrainConfig) -> type[Trainer]:
+    """The job's backend. ``trl`` is imported only here, for a job that asks for it: TRL is an optional
+    extra, and nothing else imports it."""
+    if config.backend == "native":
+        return Trainer
+    why = backend_unavailable(config.backend)
+    if why is not None:
+        raise JobFailure("backend_unavailable", why)
+    from training.trl_backend import TrlTrainer
+
+    return TrlTrainer  # type: ignore[return-value]  # the same interface (train, checkpoints, adapter)
 
 
 def _publish(
