@@ -77,10 +77,6 @@ CREDIT_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 CREDIT_KEY = "credit_gammas"  # γ (B, T) of a micro-batch, kept in TRL's buffer for the μ − 1 later passes
 
 
-def _described(name: str) -> str:
-    return TrainHyperparameters.model_fields[name].description or ""
-
-
 @dataclass
 class CreditGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the credit-assignment fields of faithlens's ``TrainConfig`` (same names, same
@@ -99,9 +95,7 @@ class CreditGRPOConfig(GRPOConfig):
     )
     gamma_amp: float = field(
         default=1.5,
-        metadata={
-            "help": "γ_amp: how much a flagged token's advantage is amplified (spec §6). " + "[0, 10]."
-        },
+        metadata={"help": "γ_amp: how much a flagged token's advantage is amplified (spec §6). [0, 10]."},
     )
     alpha: float = field(
         default=0.5,
@@ -223,7 +217,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         if self.strategy.needs_flags:
             attention.install(self._causal_lm(self.model))
 
-    # -- the two overrides that read and apply γ -----------------------------------------------------------
+    # -- the overrides: where γ is read and where it is applied ---------------------------------------------
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's loss with ``advantages`` = γ·A (B, T). γ comes from this call's forward pass, or from the
         micro-batch itself when an earlier pass (or the generation pass) read it."""
@@ -323,7 +317,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         batches: list[_OnePassProbe] = []
         seen = 0
 
-        def add_probe(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def add_probe(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             nonlocal seen
             ids = kwargs.get("input_ids", args[0] if args else None)
             n = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]

@@ -241,7 +241,7 @@ class TrlTrainer:
         """Every forward pass of the policy (each decode step, each scoring and loss pass) may end a
         cancelled job."""
 
-        def check(module: torch.nn.Module, args: tuple) -> None:
+        def check(_module: torch.nn.Module, _args: tuple) -> None:
             self.check_cancel()
 
         # the backbone: every path calls it as a module (peft calls the causal LM's ``forward`` directly)

@@ -456,8 +456,9 @@ class Jobs:
         metadata: dict[str, str] | None = None,
         model: str | None = None,
     ) -> Job:
-        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}``; ``training_data`` a dataset
-        name, a list of ``{question, answer}`` rows or ``{"jsonl": text}``."""
+        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}`` (``"backend": "trl"`` trains
+        it with TRL's GRPOTrainer instead of the native trainer); ``training_data`` a dataset name, a list
+        of ``{question, answer}`` rows or ``{"jsonl": text}``."""
         return self._client._run(
             create_job_call(
                 method=method,
@@ -499,8 +500,9 @@ class AsyncJobs:
         metadata: dict[str, str] | None = None,
         model: str | None = None,
     ) -> Job:
-        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}``; ``training_data`` a dataset
-        name, a list of ``{question, answer}`` rows or ``{"jsonl": text}``."""
+        """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}`` (``"backend": "trl"`` trains
+        it with TRL's GRPOTrainer instead of the native trainer); ``training_data`` a dataset name, a list
+        of ``{question, answer}`` rows or ``{"jsonl": text}``."""
         return await self._client._run(
             create_job_call(
                 method=method,
