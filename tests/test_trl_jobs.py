@@ -176,7 +176,7 @@ def test_a_trl_job_is_cancelled_within_a_step(stack):
 
 
 def test_a_trl_job_resumes_from_its_checkpoint_after_its_worker_is_killed(stack):
-    """Last in this module: it kills the module's worker (its replacement stops with the test)."""
+    """It kills the module's worker; its replacement stops with the test, and later tests start their own."""
     server, env, worker, work = stack
     with server.client() as c:
         job = create(c, {**TRL_JOB, "max_steps": 6, "checkpoint_every": 2}, adapter_name="tiny-trl-kill")
@@ -219,6 +219,27 @@ NO_TRL = """
 
     sys.meta_path.insert(0, NoTrl())
 """
+
+
+def test_a_worker_without_trl_fails_a_trl_job_with_a_clear_error(stack, tmp_path):
+    """The server has TRL and queues the job; the only worker lacks it and fails the job at once, before it
+    loads the model, with the API's code. Stops the module's worker (if still running) so that this one
+    takes the job."""
+    server, env, worker, _ = stack
+    worker.stop()
+    blocker = tmp_path / "no-trl"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(textwrap.dedent(NO_TRL))
+    without = Worker({**env, "PYTHONPATH": str(blocker)}, tmp_path / "worker-no-trl.log")
+    try:
+        with server.client() as c:
+            job = create(c, TRL_JOB, adapter_name="tiny-trl-nowhere")
+            done = wait(c, job["id"], {"succeeded", "failed"}, timeout=120)
+    finally:
+        without.stop()
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "backend_unavailable" and "faithlens[trl]" in done["error"]["message"]
+    assert done["step"] == 0
 
 
 def test_without_trl_a_trl_job_is_refused_up_front(tmp_path):

@@ -183,6 +183,7 @@ def _train(
         config = TrainConfig(**job.hyperparameters)
     except (TypeError, ValueError) as exc:
         raise JobFailure("invalid_hyperparameters", str(exc)) from exc
+    trainer_class = _trainer_class(config)  # before the data and the model: a missing backend fails fast
     core = settings.core
     if core.torch_threads is not None:
         torch.set_num_threads(core.torch_threads)
@@ -205,7 +206,7 @@ def _train(
     def should_stop() -> bool:
         return heartbeat.lost or store.cancel_requested(job.id)
 
-    trainer = _trainer_class(config)(lm, config, problems, Hooks(on_metrics, should_stop, on_checkpoint))
+    trainer = trainer_class(lm, config, problems, Hooks(on_metrics, should_stop, on_checkpoint))
     checkpoints = journal.checkpoints(job)  # the disk is the truth: Redis may have lost its list
     if checkpoints:
         trainer.load_checkpoint(inside(core.adapters, checkpoints[-1].path))
