@@ -121,7 +121,7 @@ def test_atmanrl_is_refused_on_the_trl_backend(stack):
             "/v1/jobs",
             json={
                 "method": {"type": "atmanrl", "backend": "trl"},
-                "training_data": "gsm8k-train",
+                "training_data": ROWS,
                 "adapter_name": "x",
             },
         )
