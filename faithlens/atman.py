@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from faithlens import cost
 from faithlens.model import LoadedModel, unwrap
-from faithlens.params import Granularity
+from faithlens.params import ComputeOptions, Granularity
 from faithlens.saliency import (
     SALIENCY_METHODS,
     CostInput,
@@ -81,6 +81,97 @@ def bias_rows(
     return rows
 
 
+# ---------------------------------------------------------------- the batch plan, per device
+#
+# Exact AtMan runs one forward pass per suppression row, and every row leaves the positions before its
+# first suppressed column untouched. How to cut the rows into batches depends on the device:
+#
+# * CPU: the work is FLOP-bound and one row of a few hundred tokens already keeps the cores busy. A
+#   wider batch only amortises per-pass overhead, while every row of a batch restarts at the batch's
+#   earliest column and so redoes positions its cached prefix already holds. Rows join a batch only while
+#   that recomputation stays within ``CPU_RECOMPUTE_SLACK`` of the batch's span; the memory budget is a
+#   fixed 512 MB (two cores, a shared host).
+# * CUDA: one row of a few hundred tokens is far too small a matrix product to fill the GPU, and each pass
+#   of an eager HF model costs milliseconds of launches whatever its size. So a batch holds as many rows
+#   as a share of the *free* GPU memory allows, rows join it while the recomputation stays within
+#   ``GPU_RECOMPUTE_SLACK``, and a batch of fewer than ``GPU_FILL_TOKENS`` tokens takes rows regardless
+#   (the last, short spans would otherwise run as many small passes).
+# * The cached prefix is reused on both. Reusing it copies 2·kv_dim values per position and layer, where
+#   recomputing it costs 2·params_per_layer FLOPs per position: with the GQA shapes we serve that is
+#   hundreds of FLOPs saved per byte copied, above the H200's ratio (~180 FLOP/byte), and it halves the
+#   FLOPs of 512 suppressions over 520 tokens. Only a batch that starts at position 0 has no prefix.
+
+CPU_RECOMPUTE_SLACK = 0.02
+GPU_RECOMPUTE_SLACK = 0.125
+GPU_FILL_TOKENS = 16384  # rows × tokens per pass below which a GEMM of these widths under-fills an H100/H200
+GPU_FREE_MEMORY_SHARE = 0.5  # of the GPU's free memory, one batch may take (decode streams share it)
+CPU_MEMORY_BUDGET_MB = 512
+MAX_ROWS = 512
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How exact AtMan cuts its suppression rows into forward passes on one device."""
+
+    rows: int  # most rows one pass takes (memory)
+    slack: float  # recomputed share of a batch's span that a row may add by joining it
+    fill_tokens: int  # a batch below this many tokens takes rows regardless of slack
+    prefix_reuse: bool
+
+
+def row_bytes(model: torch.nn.Module, n: int, dtype: torch.dtype) -> int:
+    """Memory one suppression row of ``n`` tokens needs during a pass: its KV cache over all layers, its
+    float mask (and the mask plus bias), the attention scores of a math-kernel fallback, and one layer's
+    activations at a time (inference mode frees the others)."""
+    cfg = model.config
+    size = torch.finfo(dtype).bits // 8
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * size
+    inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    activations = (6 * cfg.hidden_size + 3 * inter) * size
+    return n * n * (2 * size + 4 * cfg.num_attention_heads) + n * (kv + activations)
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def batch_plan(lm: LoadedModel, n: int, compute: ComputeOptions) -> BatchPlan:
+    """The plan for ``lm``'s device; ``compute`` may fix the memory budget and slack (tests, benchmarks)."""
+    on_gpu = lm.device.type == "cuda"
+    if compute.atman_memory_mb is not None:
+        budget = compute.atman_memory_mb * 2**20
+    elif on_gpu:
+        budget = int(GPU_FREE_MEMORY_SHARE * _free_memory_bytes(lm.device))
+    else:
+        budget = CPU_MEMORY_BUDGET_MB * 2**20
+    rows = max(1, min(MAX_ROWS, budget // row_bytes(unwrap(lm.model), n, lm.dtype)))
+    slack = compute.recompute_slack
+    if slack is None:
+        slack = GPU_RECOMPUTE_SLACK if on_gpu else CPU_RECOMPUTE_SLACK
+    fill = GPU_FILL_TOKENS if on_gpu and compute.recompute_slack is None else 0
+    return BatchPlan(rows, slack, fill, compute.prefix_reuse)
+
+
+def plan_batches(first: list[int], n: int, plan: BatchPlan) -> list[list[int]]:
+    """Row indices (sorted by first suppressed column) cut into batches of at most ``plan.rows``. A row
+    joins the open batch if its first column is within ``slack·(n − start)`` of the batch's start, or if
+    the batch still holds fewer than ``fill_tokens`` tokens."""
+    batches: list[list[int]] = []
+    for g in sorted(range(len(first)), key=lambda g: first[g]):
+        if batches:
+            batch = batches[-1]
+            start = first[batch[0]] if plan.prefix_reuse else 0
+            fits = not plan.prefix_reuse or first[g] - start <= plan.slack * (n - start)
+            underfilled = len(batch) * (n - start) < plan.fill_tokens
+            if len(batch) < plan.rows and (fits or underfilled):
+                batch.append(g)
+                continue
+        batches.append([g])
+    return batches
+
+
 # ---------------------------------------------------------------- batched target log-probs
 
 
@@ -92,48 +183,32 @@ def _slice_cache(cache: DynamicCache, length: int, batch: int) -> DynamicCache:
     return DynamicCache(ddp_cache_data=data)
 
 
-def _batch_size(model: torch.nn.Module, n: int, budget_bytes: int) -> int:
-    """Sequences per batch: a float mask and scores (N² each), the KV cache and activations per row."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
-    per_seq = n * n * 4 * (2 + cfg.num_attention_heads) + n * (kv + 16 * cfg.hidden_size * 4)
-    return max(1, min(64, budget_bytes // per_seq))
+@dataclass
+class _TargetHead:
+    """Σ log p(target) from final hidden states, with the output projection in float32.
 
+    In bf16 a logit of magnitude 4–8 is rounded to steps of 1/32, so a log-prob summed over a few
+    targets carries ±0.03 of rounding that does not cancel between the unperturbed and a perturbed
+    pass. Projecting only the target rows in float32 costs one (targets × vocab) product."""
 
-# How much recomputation a CPU batch may add. Every row of a batch starts from the batch's earliest
-# suppressed column, so a row whose own column lies later redoes positions that its cached prefix already
-# holds. On a GPU a wider batch costs little next to a sequential pass, so only memory bounds it; on a CPU
-# the work is FLOP-bound and one row already keeps the cores busy, so rows join a batch only while the
-# redone positions stay within this share of the batch's span.
-CPU_RECOMPUTE_SLACK = 0.02
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    ids: torch.Tensor
+    target: list[int]
 
+    @classmethod
+    def of(cls, model: torch.nn.Module, ids: torch.Tensor, target: list[int]) -> _TargetHead:
+        head = model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        return cls(head.weight.float(), None if bias is None else bias.float(), ids, target)
 
-def _plan_batches(order: list[int], first: list[int], n: int, size: int, slack: float) -> list[list[int]]:
-    """Rows (sorted by first suppressed column) cut into batches of at most ``size``; a row joins a batch
-    only if its first column is within ``slack·(n − start)`` of the batch's start."""
-    batches: list[list[int]] = []
-    for g in order:
-        if batches:
-            batch = batches[-1]
-            start = first[batch[0]]
-            fits = first[g] - start <= slack * (n - start)
-            if len(batch) < size and fits:
-                batch.append(g)
-                continue
-        batches.append([g])
-    return batches
-
-
-def _target_logprob(
-    model, hidden: torch.Tensor, ids: torch.Tensor, target: list[int], start: int
-) -> torch.Tensor:
-    """Σ log p(y) over the target, per batch row; ``hidden`` covers positions start.. ."""
-    rows = torch.tensor([t - 1 - start for t in target], device=hidden.device)
-    logits = model.get_output_embeddings()(hidden[:, rows]).float()
-    tokens = ids[0, target].to(hidden.device)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.expand(hidden.shape[0], -1)[..., None])
-    return logp[..., 0].sum(-1)
+    def logprob(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Per batch row; ``hidden`` covers positions ``start``.. ."""
+        rows = torch.tensor([t - 1 - start for t in self.target], device=hidden.device)
+        logits = torch.nn.functional.linear(hidden[:, rows].float(), self.weight, self.bias)
+        tokens = self.ids[0, self.target].to(hidden.device)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.expand(hidden.shape[0], -1)[..., None])
+        return logp[..., 0].sum(-1)
 
 
 @torch.inference_mode()
@@ -142,39 +217,45 @@ def target_logprobs(
     input_ids: list[int],
     target: list[int],
     biases: torch.Tensor,
-    prefix_reuse: bool = True,
-    memory_budget_mb: int = 512,
-    recompute_slack: float | None = None,
+    compute: ComputeOptions | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Σ log p(target) under each bias row, batched; and the unperturbed value.
+    """Σ log p(target) under each bias row, batched (:func:`batch_plan`); and the unperturbed value.
 
     A row leaves positions before its first non-zero column untouched, so each batch starts from the
-    cached prefix before the earliest such column (exact, spec §7)."""
+    cached prefix before the earliest such column (exact, spec §7).
+
+    Below float32 each batch also runs an all-zero row, and its rows are reported relative to it
+    (``base + row − zero row``): a GEMM's rounding depends on its shape, so the unperturbed pass (one row,
+    no cache) and a batch of 64 rows from a cached prefix differ by more than many of the scores."""
+    compute = compute or ComputeOptions()
     model = unwrap(lm.model)
     ids = torch.tensor([input_ids], device=lm.device)
     n = ids.shape[1]
+    plan = batch_plan(lm, n, compute)
     backbone = getattr(model, model.base_model_prefix)
-    unperturbed = backbone(input_ids=ids, use_cache=prefix_reuse)  # one pass: base log-prob and prefix cache
-    cache = unperturbed.past_key_values if prefix_reuse else None
-    base = float(_target_logprob(model, unperturbed.last_hidden_state, ids, target, 0)[0])
+    head = _TargetHead.of(model, ids, target)
+    unperturbed = backbone(input_ids=ids, use_cache=plan.prefix_reuse)  # base log-prob and prefix cache
+    cache = unperturbed.past_key_values if plan.prefix_reuse else None
+    base = float(head.logprob(unperturbed.last_hidden_state, 0)[0])
+    del unperturbed
     nonzero = biases != 0
     first = torch.where(nonzero.any(1), nonzero.float().argmax(1), torch.full((len(biases),), n)).tolist()
-    order = sorted(range(len(biases)), key=lambda g: first[g])
-    out = torch.empty(len(biases))
-    size = _batch_size(model, n, memory_budget_mb * 2**20)
-    slack = recompute_slack
-    if slack is None:
-        slack = CPU_RECOMPUTE_SLACK if ids.device.type == "cpu" else math.inf
-    for batch in _plan_batches(order, first, n, size, slack):
-        start = min(min(first[g] for g in batch), min(target) - 1) if prefix_reuse else 0
-        past = _slice_cache(cache, start, len(batch)) if start > 0 else None
+    reference_row = lm.dtype != torch.float32
+    out = torch.empty(len(biases), dtype=torch.float64)
+    for batch in plan_batches(first, n, plan):
+        start = min(min(first[g] for g in batch), min(target) - 1) if plan.prefix_reuse else 0
+        rows = biases[batch]
+        if reference_row:
+            rows = torch.cat([rows, torch.zeros(1, n, dtype=rows.dtype)])
+        past = _slice_cache(cache, start, len(rows)) if start > 0 else None
         hidden = backbone(
-            input_ids=ids[:, start:].expand(len(batch), -1),
+            input_ids=ids[:, start:].expand(len(rows), -1),
             past_key_values=past,
             use_cache=past is not None,
-            faithlens_key_bias=biases[batch].to(lm.device, lm.dtype),
+            faithlens_key_bias=rows.to(lm.device, lm.dtype),
         ).last_hidden_state
-        out[batch] = _target_logprob(model, hidden, ids, target, start).cpu()
+        values = head.logprob(hidden, start).double().cpu()
+        out[batch] = values[:-1] - values[-1] + base if reference_row else values
     return out, base
 
 
@@ -189,7 +270,7 @@ def _gradient(lm: LoadedModel, input_ids: list[int], target: list[int]) -> tuple
     with torch.enable_grad():
         backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(input_ids=ids, use_cache=False, faithlens_key_bias=bias).last_hidden_state
-        total = _target_logprob(model, hidden, ids, target, 0)[0]
+        total = _TargetHead.of(model, ids, target).logprob(hidden, 0)[0]
         (grad,) = torch.autograd.grad(total, bias)
     return grad[0].float().cpu(), float(total.detach())
 
@@ -235,6 +316,7 @@ def atman_rl_saliency(
         prefix = backbone(input_ids=ids[:, :start], use_cache=True).past_key_values if start > 0 else None
         prefix_kv = [(k.clone(), v.clone()) for k, v, *_ in prefix] if prefix is not None else None
     cot_idx = torch.tensor(cot, device=lm.device)
+    head = _TargetHead.of(model, ids, answer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mask = torch.full((len(cot),), init, device=lm.device, requires_grad=True)
@@ -250,7 +332,7 @@ def atman_rl_saliency(
             use_cache=past is not None,
             faithlens_key_bias=bias,
         ).last_hidden_state
-        return -_target_logprob(model, hidden, ids, answer, start)[0] / len(answer)
+        return -head.logprob(hidden, start)[0] / len(answer)
 
     with torch.enable_grad():
         initial = float(nll().detach())
@@ -270,18 +352,10 @@ def atman_rl_saliency(
 
 def _exact(x: SaliencyInput) -> Saliency:
     """Exact AtMan (spec §7): Σ log p(target) drops by how much when each group is suppressed."""
-    params, compute = x.params, x.compute
+    params = x.params
     groups = suppression_groups(x.texts, x.positions, params.granularity)
     rows = bias_rows(x.lm, x.input_ids, groups, params.factor, params.conceptual_threshold)
-    perturbed, base = target_logprobs(
-        x.lm,
-        x.input_ids,
-        x.target,
-        rows,
-        compute.prefix_reuse,
-        compute.atman_memory_mb,
-        compute.recompute_slack,
-    )
+    perturbed, base = target_logprobs(x.lm, x.input_ids, x.target, rows, x.compute)
     return _group_scores("atman", x, groups, base - perturbed, base)
 
 

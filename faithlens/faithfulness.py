@@ -57,8 +57,7 @@ def counterfactual(
     rows = torch.zeros(2, len(input_ids))
     rows[0, top] = math.log(factor)
     rows[1, rand] = math.log(factor)
-    budget = (compute or ComputeOptions()).atman_memory_mb
-    perturbed, base = target_logprobs(lm, input_ids, saliency.target, rows, memory_budget_mb=budget)
+    perturbed, base = target_logprobs(lm, input_ids, saliency.target, rows, compute)
     return Counterfactual(
         k=k,
         base_logprob=base,

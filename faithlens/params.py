@@ -132,6 +132,7 @@ class ComputeOptions:
     whoever owns the machine (the engine, a benchmark, a test), never by a request."""
 
     probe_memory_mb: int = 256  # bound on the attention probe's row-chunk temporaries
-    atman_memory_mb: int = 512  # bound on one exact-AtMan perturbation batch
+    # bound on one exact-AtMan batch; None: the device's (atman.batch_plan)
+    atman_memory_mb: int | None = None
     prefix_reuse: bool = True  # exact AtMan starts each batch from the cached unperturbed prefix
-    recompute_slack: float | None = None  # None: CPU_RECOMPUTE_SLACK on a CPU, unbounded on a GPU
+    recompute_slack: float | None = None  # None: the device's (atman.CPU_/GPU_RECOMPUTE_SLACK)
