@@ -83,14 +83,17 @@ def build_tiny(
     return model.eval(), byte_tokenizer()
 
 
-def tiny_loaded_model(arch: str = "llama", seed: int = 0, **config_kwargs) -> LoadedModel:
-    """A tiny model wrapped like :func:`faithlens.model.load_model` returns it (CPU)."""
+def tiny_loaded_model(
+    arch: str = "llama", seed: int = 0, device: str | torch.device = "cpu", **config_kwargs
+) -> LoadedModel:
+    """A tiny model wrapped like :func:`faithlens.model.load_model` returns it, in float32 on ``device``
+    (the weights are drawn on the CPU first, so a seed gives the same model on every device)."""
     model, tokenizer = build_tiny(arch, seed, **config_kwargs)
+    device = torch.device(device)
+    model.to(device)
     attention.install(model)
     name = f"tiny-{arch}"
-    return LoadedModel(
-        model, tokenizer, name, ModelSource(name, Path(".")), torch.device("cpu"), torch.float32
-    )
+    return LoadedModel(model, tokenizer, name, ModelSource(name, Path(".")), device, torch.float32)
 
 
 def save_tiny(path: Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:

@@ -26,7 +26,8 @@ def eager_attentions(model, input_ids: list[int]) -> tuple[torch.Tensor, ...]:
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model(torch.tensor([input_ids]), output_attentions=True, use_cache=False)
+            ids = torch.tensor([input_ids], device=model.device)
+            out = model(ids, output_attentions=True, use_cache=False)
     finally:
         model.set_attn_implementation(previous)
     return out.attentions
@@ -40,7 +41,7 @@ def reference_metrics(model, input_ids, p, layers, W=10, H_lo=10, H_hi=100, frac
     for layer in layers:
         for h in range(attn[layer].shape[1]):
             heads.append((layer, h))
-            maps.append(attn[layer][0, h].double())
+            maps.append(attn[layer][0, h].double().cpu())
     lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # t − s
     causal = lag >= 0
     distance = torch.tensor(

@@ -8,7 +8,19 @@ import pytest
 import torch
 
 from faithlens.answer import CharSpan, char_span_to_tokens
-from faithlens.atman import _gradient, _plan_batches, atman_rl_saliency, bias_rows, suppression_groups
+from faithlens.atman import (
+    CPU_RECOMPUTE_SLACK,
+    GPU_FILL_TOKENS,
+    GPU_RECOMPUTE_SLACK,
+    MAX_ROWS,
+    BatchPlan,
+    _gradient,
+    atman_rl_saliency,
+    batch_plan,
+    bias_rows,
+    plan_batches,
+    suppression_groups,
+)
 from faithlens.model import unwrap
 from faithlens.params import ComputeOptions, SaliencyParams
 from faithlens.saliency import compute_saliency, resolve_target
@@ -18,15 +30,15 @@ def naive_target_logprob(lm, input_ids, target, column_bias: torch.Tensor | None
     """One eager pass with a 4D float mask: causal, plus ``column_bias`` added to every row."""
     model = unwrap(lm.model)
     n = len(input_ids)
-    mask = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
+    mask = torch.full((n, n), torch.finfo(torch.float32).min, device=lm.device).triu(1)
     if column_bias is not None:
-        mask = mask + column_bias[None, :]
+        mask = mask + column_bias.to(lm.device)[None, :]
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             logits = model(
-                torch.tensor([input_ids]), attention_mask=mask[None, None], use_cache=False
+                torch.tensor([input_ids], device=lm.device), attention_mask=mask[None, None], use_cache=False
             ).logits[0]
     finally:
         model.set_attn_implementation(previous)
@@ -65,14 +77,33 @@ def test_exact_batched_equals_naive_loop(tiny_lm, params, compute):
     assert torch.isnan(got.scores[got.target]).all()
 
 
-def test_batch_plan_bounds_size_and_recomputation():
+def test_batch_plan_bounds_size_recomputation_and_fill():
     first = [0, 1, 2, 3, 10, 11, 50, 90]
     order = list(range(len(first)))
-    assert _plan_batches(order, first, 100, 64, math.inf) == [order]
-    assert _plan_batches(order, first, 100, 3, math.inf) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert plan_batches(first, 100, BatchPlan(64, math.inf, 0, True)) == [order]
+    assert plan_batches(first, 100, BatchPlan(3, math.inf, 0, True)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     # slack 0.1: rows within 10 % of the batch's remaining span (100 − start) share it
-    assert _plan_batches(order, first, 100, 64, 0.1) == [[0, 1, 2, 3, 4], [5], [6], [7]]
-    assert _plan_batches(order, first, 100, 64, 0.0) == [[g] for g in order]
+    assert plan_batches(first, 100, BatchPlan(64, 0.1, 0, True)) == [[0, 1, 2, 3, 4], [5], [6], [7]]
+    assert plan_batches(first, 100, BatchPlan(64, 0.0, 0, True)) == [[g] for g in order]
+    # fill: a batch of fewer than 150 tokens takes rows regardless of slack (the rows ≥ 50: spans of 50)
+    assert plan_batches(first, 100, BatchPlan(64, 0.0, 150, True)) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # without prefix reuse every row starts at 0: no recomputation, so only the size bounds a batch
+    assert plan_batches(first, 100, BatchPlan(3, 0.0, 0, False)) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    unsorted = [50, 0, 90, 1]
+    assert plan_batches(unsorted, 100, BatchPlan(2, math.inf, 0, True)) == [[1, 3], [0, 2]]
+
+
+def test_the_batch_plan_follows_the_device_and_memory(tiny_llama):
+    own = batch_plan(tiny_llama, 100, ComputeOptions())
+    if tiny_llama.device.type == "cpu":
+        assert own.slack == CPU_RECOMPUTE_SLACK and own.fill_tokens == 0 and own.rows > 1
+    else:  # a GPU's batches are bounded by its free memory and filled to a GEMM's width
+        assert (
+            own.slack == GPU_RECOMPUTE_SLACK and own.fill_tokens == GPU_FILL_TOKENS and own.rows == MAX_ROWS
+        )
+    assert batch_plan(tiny_llama, 100, ComputeOptions(atman_memory_mb=0)).rows == 1
+    small = batch_plan(tiny_llama, 1000, ComputeOptions(atman_memory_mb=32)).rows
+    assert 1 <= small < batch_plan(tiny_llama, 1000, ComputeOptions(atman_memory_mb=512)).rows
 
 
 def test_word_and_sentence_groups_are_suppressed_together(tiny_llama):

@@ -26,7 +26,8 @@ from faithlens.data import Problem
 from faithlens.generation import generate
 from faithlens.model import load_model
 from faithlens.params import SamplingParams
-from faithlens.tiny import save_tiny, tiny_loaded_model
+from faithlens.tiny import save_tiny
+from tests.devices import tiny
 from training.eval import answers
 
 CASES = {
@@ -108,7 +109,7 @@ def test_greedy_matches_hf_generate(tiny_lm):
     """The batch's forward passes (growing cache, in-place mask) compute what HF's own loop does."""
     prompt = tiny_lm.prompt_ids("Compare with transformers.", chat=True)
     ours = generate(tiny_lm, prompt, SamplingParams(max_new_tokens=32, min_new_tokens=32))
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=tiny_lm.device)
     hf = tiny_lm.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -204,9 +205,9 @@ def test_a_stream_holds_back_a_possible_stop():
 @pytest.fixture
 def eos_loving_llama():
     """A tiny model whose raw distribution puts EOS on top at every step."""
-    lm = tiny_loaded_model("llama", seed=1)
+    lm = tiny("llama", seed=1)
     eos = sorted(lm.eos_token_ids)
-    bias = torch.zeros(lm.model.config.vocab_size)
+    bias = torch.zeros(lm.model.config.vocab_size, device=lm.device)
     bias[eos] = 30.0
     handle = lm.model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
     yield lm
@@ -225,11 +226,13 @@ def test_min_new_tokens_masks_eos_but_logprobs_stay_raw(eos_loving_llama, case):
     # The raw distribution still prefers EOS: reported log-probs are the model's, before the mask.
     assert all(top[0][0] in eos for top in gen.top_logprobs)
     with torch.inference_mode():
-        logits = lm.model(torch.tensor([prompt + gen.token_ids])).logits[0, len(prompt) - 1 : -1]
-    raw = torch.log_softmax(logits.float(), -1)[torch.arange(5), gen.token_ids]
+        logits = lm.model(torch.tensor([prompt + gen.token_ids], device=lm.device)).logits[
+            0, len(prompt) - 1 : -1
+        ]
+    raw = torch.log_softmax(logits.float(), -1)[torch.arange(5), gen.token_ids].cpu()
     torch.testing.assert_close(torch.tensor(gen.logprobs), raw, atol=1e-4, rtol=0)
     if case == "greedy":  # the same tokens as HF's MinNewTokensLogitsProcessor
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=lm.device)
         hf = lm.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -12,7 +12,7 @@ from faithlens.analysis import compute_metrics
 from faithlens.data import Problem
 from faithlens.metrics import Flags
 from faithlens.params import AnalysisParams
-from faithlens.tiny import tiny_loaded_model
+from tests.devices import tiny
 from training.config import TrainConfig
 from training.credit import gamma, shape_advantages
 from training.loss import Normaliser, clipped_surrogate, per_token_kl
@@ -109,7 +109,7 @@ PROBLEMS = [Problem(f"question {i}: what is {i}+{i}?", f"#### {2 * i}") for i in
 
 def peaky_tiny():
     """A tiny model whose next-token distributions are peaked (random init is nearly uniform)."""
-    lm = tiny_loaded_model("llama")
+    lm = tiny("llama")
     with torch.no_grad():
         lm.model.get_input_embeddings().weight.mul_(6.0)
     return lm
@@ -118,7 +118,12 @@ def peaky_tiny():
 def first_token_probs(lm) -> torch.Tensor:
     with torch.no_grad():
         rows = [
-            torch.softmax(lm.model(torch.tensor([lm.prompt_ids(p.question, chat=True)])).logits[0, -1], -1)
+            torch.softmax(
+                lm.model(torch.tensor([lm.prompt_ids(p.question, chat=True)], device=lm.device)).logits[
+                    0, -1
+                ],
+                -1,
+            )
             for p in PROBLEMS
         ]
     return torch.stack(rows).mean(0)
