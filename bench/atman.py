@@ -9,6 +9,7 @@ Part 1, on the same SmolLM2 input with 128 and 512 context tokens, one perturbat
 Part 2, on N GSM8K dev problems (the model's greedy answers): atman_grad vs atman time and Spearman ρ.
 
     python bench/atman.py                      # SmolLM2
+    python bench/atman.py --device cuda        # the same on a GPU (bfloat16 unless --dtype says otherwise)
     python bench/atman.py --smoke              # tiny model, small sizes: CI's check that it runs
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, print_table, timed
+from bench.common import add_model_args, load_bench_model, machine, print_table, timed
 
 
 def naive_loop(lm, ids: list[int], target: list[int], positions: list[int], factor: float) -> torch.Tensor:
@@ -32,14 +34,18 @@ def naive_loop(lm, ids: list[int], target: list[int], positions: list[int], fact
 
     model = unwrap(lm.model)
     n = len(ids)
-    causal = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
-    tokens = torch.tensor([ids])
+    # Everything on the model's device; the mask stays float32 (the eager scores are promoted to it), so
+    # log(factor) is added exactly whatever the model's dtype.
+    causal = torch.full((n, n), torch.finfo(torch.float32).min, device=lm.device).triu(1)
+    tokens = torch.tensor([ids], device=lm.device)
+    rows = torch.tensor([t - 1 for t in target], device=lm.device)
+    cols = torch.tensor([ids[t] for t in target], device=lm.device)
     model.set_attn_implementation("eager")
 
-    def target_logprob(mask):
+    def target_logprob(mask: torch.Tensor) -> torch.Tensor:
         logits = model(tokens, attention_mask=mask[None, None], use_cache=False).logits[0]
         logp = torch.log_softmax(logits.float(), -1)
-        return float(sum(logp[t - 1, ids[t]] for t in target))
+        return logp[rows, cols].sum()
 
     try:
         with torch.inference_mode():
@@ -47,11 +53,12 @@ def naive_loop(lm, ids: list[int], target: list[int], positions: list[int], fact
             out = []
             for i in positions:
                 mask = causal.clone()
-                mask[:, i] += torch.log(torch.tensor(factor))
+                mask[:, i] += math.log(factor)
                 out.append(base - target_logprob(mask))
     finally:
         model.set_attn_implementation("faithlens")
-    return torch.tensor(out)
+    # on the CPU, as the scores of compute_saliency are (callers subtract one from the other)
+    return torch.stack(out).cpu() if out else torch.zeros(0)
 
 
 def captum_ablation(lm, ids: list[int], target: list[int]) -> int:
@@ -64,7 +71,7 @@ def captum_ablation(lm, ids: list[int], target: list[int]) -> int:
     context = lm.tokenizer.decode(ids[: target[0]])
     inp = TextTokenInput(context, lm.tokenizer, baselines=lm.tokenizer.pad_token_id)
     attribution = LLMAttribution(FeatureAblation(model), lm.tokenizer)
-    target_ids = torch.tensor(ids[target[0] :])
+    target_ids = torch.tensor(ids[target[0] :], device=lm.device)
     with torch.inference_mode():
         attribution.attribute(inp, target=target_ids, forward_in_tokens=False, use_cached_outputs=False)
     return inp.n_itp_features
@@ -83,6 +90,10 @@ def context_ids(lm, n_context: int) -> tuple[list[int], list[int]]:
     return ids + answer, list(range(len(ids), len(ids) + len(answer)))
 
 
+def describe(lm) -> str:
+    return f"{lm.name}, {str(lm.dtype).removeprefix('torch.')}, {lm.device}"
+
+
 def part1(lm, sizes: list[int]) -> None:
     from faithlens.params import SaliencyParams
     from faithlens.saliency import compute_saliency
@@ -91,13 +102,13 @@ def part1(lm, sizes: list[int]) -> None:
     for n_context in sizes:
         ids, target = context_ids(lm, n_context)
         params = SaliencyParams(target=target)
-        ours, t_ours = timed(lambda ids=ids, params=params: compute_saliency(lm, ids, 0, params))
+        ours, t_ours = timed(lambda ids=ids, params=params: compute_saliency(lm, ids, 0, params), lm.device)
         positions = [g[0] for g in ours.groups]
         naive, t_naive = timed(
-            lambda ids=ids, target=target, p=positions: naive_loop(lm, ids, target, p, 0.1)
+            lambda ids=ids, target=target, p=positions: naive_loop(lm, ids, target, p, 0.1), lm.device
         )
         diff = float((ours.scores[positions] - naive).abs().max())
-        features, t_captum = timed(lambda ids=ids, target=target: captum_ablation(lm, ids, target))
+        features, t_captum = timed(lambda ids=ids, target=target: captum_ablation(lm, ids, target), lm.device)
         rows.append(
             [
                 len(ids),
@@ -112,7 +123,7 @@ def part1(lm, sizes: list[int]) -> None:
             ]
         )
     print_table(
-        "exact AtMan: faithlens vs naive loop vs captum FeatureAblation",
+        f"exact AtMan: faithlens vs naive loop vs captum FeatureAblation ({describe(lm)})",
         [
             "tokens",
             "perturbations",
@@ -143,9 +154,12 @@ def part2(lm, problems: int, max_new_tokens: int) -> None:
         if not gen.token_ids:
             continue
         ids = prompt + gen.token_ids
-        exact, te = timed(lambda ids=ids, p=prompt: compute_saliency(lm, ids, len(p), SaliencyParams()))
+        exact, te = timed(
+            lambda ids=ids, p=prompt: compute_saliency(lm, ids, len(p), SaliencyParams()), lm.device
+        )
         grad, tg = timed(
-            lambda ids=ids, p=prompt: compute_saliency(lm, ids, len(p), SaliencyParams(method="atman_grad"))
+            lambda ids=ids, p=prompt: compute_saliency(lm, ids, len(p), SaliencyParams(method="atman_grad")),
+            lm.device,
         )
         scored = ~torch.isnan(exact.scores)
         rho = spearmanr(exact.scores[scored].tolist(), grad.scores[scored].tolist()).statistic
@@ -155,7 +169,8 @@ def part2(lm, problems: int, max_new_tokens: int) -> None:
         grad_s.append(tg)
     q = statistics.quantiles(rhos, n=4, method="inclusive") if len(rhos) > 1 else rhos * 3
     print_table(
-        f"atman_grad vs exact atman on {len(rhos)} GSM8K dev answers (greedy, ≤ {max_new_tokens} new tokens)",
+        f"atman_grad vs exact atman on {len(rhos)} GSM8K dev answers (greedy, ≤ {max_new_tokens} new tokens, "
+        f"{describe(lm)})",
         [
             "mean exact s",
             "mean grad s",
@@ -190,18 +205,12 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--part", choices=["1", "2", "all"], default="all")
+    add_model_args(parser)
     args = parser.parse_args()
-    from faithlens.model import load_model
-    from faithlens.settings import get_core_settings
-    from faithlens.tiny import tiny_loaded_model
-
     torch.manual_seed(0)
-    lm = (
-        tiny_loaded_model("llama")
-        if args.smoke
-        else load_model(None, cache_dir=get_core_settings().cache_dir)
-    )
+    lm = load_bench_model("tiny" if args.smoke else args.model, args.device, args.dtype)
     print("machine:", json.dumps(machine()))
+    print("model:", describe(lm))
     if args.part in {"1", "all"}:
         part1(lm, [24] if args.smoke else args.sizes)
     if args.part in {"2", "all"}:

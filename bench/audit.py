@@ -12,7 +12,12 @@ second of one.
 
     python bench/audit.py                  # SmolLM2, 64 dev rows, up to 128 new tokens
     python bench/audit.py --rows 32        # half the rows
+    python bench/audit.py --device cuda    # server and workers on a GPU (FAITHLENS_DEVICE/_DTYPE)
     python bench/audit.py --smoke          # tiny model, 4 rows, 8 tokens (CI)
+
+``--model`` (``tiny``, an HF directory or a .gguf path; default: the embedded SmolLM2), ``--device`` and
+``--dtype`` reach the server and the workers as ``FAITHLENS_MODEL``, ``FAITHLENS_DEVICE`` and
+``FAITHLENS_DTYPE`` (the tiny model is float32 whatever ``--dtype`` says, as in the other benchmarks).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, print_table
+from bench.common import absolute_model, add_model_args, machine, print_table
 from faithlens.data import load_gsm8k
 from faithlens.tiny import save_tiny
 from tests.servers import start_server
@@ -94,18 +99,27 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--smoke", action="store_true")
+    add_model_args(parser)
     args = parser.parse_args()
     if args.smoke:
+        args.model = "tiny"
         args.rows, args.new_tokens, args.shard_size = 4, 8, 1
     print("machine:", json.dumps(machine()))
+    print(f"model: {args.model or 'embedded SmolLM2'}, device {args.device}, dtype {args.dtype}")
     work = Path(tempfile.mkdtemp(prefix="faithlens-bench-audit-"))
-    model = save_tiny(work / "tiny-llama") if args.smoke else None
+    tiny = args.model == "tiny"
+    model = (
+        save_tiny(work / "tiny-llama") if tiny else (Path(absolute_model(args.model)) if args.model else None)
+    )
     suffix = uuid.uuid4().hex[:8]
     with private_redis(work / "redis") as url:
         server = start_server(
             work,
-            model,
+            model,  # FAITHLENS_MODEL (unset: the embedded SmolLM2)
             REDIS_URL=url,
+            # server.env carries these to the workers too
+            FAITHLENS_DEVICE=args.device,
+            FAITHLENS_DTYPE="float32" if tiny else args.dtype,
             FAITHLENS_LOG_LEVEL="WARNING",
             FAITHLENS_AUDIT_QUEUE=f"faithlens-audits-bench-{suffix}",
             FAITHLENS_JOB_QUEUE=f"faithlens-jobs-bench-{suffix}",
@@ -128,7 +142,8 @@ def main() -> None:
             print(f"two workers: {two_s:.1f} s", flush=True)
         finally:
             server.stop()
-    model_name = "tiny-llama" if args.smoke else "SmolLM2-135M-Instruct"
+    model_name = "tiny-llama" if tiny else (model.name if model else "SmolLM2-135M-Instruct")
+    model_name += f" ({args.device}, {'float32' if tiny else args.dtype})"
     rate = {name: args.rows / s for name, s in (("loop", loop_s), ("one", one_s), ("two", two_s))}
     print_table(
         f"Audit throughput, {model_name}: {args.rows} GSM8K dev rows, up to {args.new_tokens} new tokens, "

@@ -15,6 +15,7 @@ On a CPU, HF does not compile the static-cache forward (it auto-compiles only on
 run eager.
 
     python bench/decode.py                  # SmolLM2 at 256, 1024 and 4096 tokens of context
+    python bench/decode.py --device cuda    # the same on a GPU (HF compiles its static-cache forward there)
     python bench/decode.py --smoke          # CI: tiny model, small lengths, proves it runs
 """
 
@@ -32,32 +33,31 @@ from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, print_table
+from bench.common import add_model_args, load_bench_model, machine, on_cuda, print_table
 from faithlens.batching import DecodeBatch, SequenceState
-from faithlens.model import LoadedModel, load_model
+from faithlens.model import LoadedModel
 from faithlens.params import SamplingParams
-from faithlens.settings import get_core_settings
-from faithlens.tiny import tiny_loaded_model
 
 
 class Stamps(BaseStreamer):
     """Records when ``generate`` hands out each chunk (the prompt first, then one token per step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         self.times: list[float] = []
+        self.device = device
 
     def put(self, value) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync(self.device)
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
         pass
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for the queued kernels when ``device`` is a CUDA device (None: whenever CUDA is present)."""
+    if on_cuda(device):
+        torch.cuda.synchronize(device)
 
 
 def prompt_of(lm: LoadedModel, length: int, seed: int = 0) -> list[int]:
@@ -80,11 +80,11 @@ def ours_ms_per_token(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[f
     params = SamplingParams(max_new_tokens=2 + steps, min_new_tokens=2 + steps)
     seq = SequenceState(prompt, params)
     batch.add(seq)
-    sync()
+    sync(lm.device)
     started = time.perf_counter()
     for _ in range(steps):
         batch.step()
-    sync()
+    sync(lm.device)
     elapsed = time.perf_counter() - started
     assert len(seq.token_ids) == 1 + steps and len(batch) == 1
     batch.step()
@@ -94,7 +94,7 @@ def ours_ms_per_token(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[f
 @torch.inference_mode()
 def hf_static_ms_per_token(lm: LoadedModel, prompt: list[int], steps: int) -> tuple[float, list[int]]:
     ids = torch.tensor([prompt], device=lm.device)
-    stamps = Stamps()
+    stamps = Stamps(lm.device)
     out = lm.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -118,12 +118,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps after the prefill")
     parser.add_argument("--repeats", type=int, default=4, help="interleaved rounds; medians reported")
     parser.add_argument("--smoke", action="store_true")
+    add_model_args(parser)
     args = parser.parse_args()
     if args.smoke:
         args.lengths, args.steps, args.repeats = [32, 64, 128], 8, 1
-        lm = tiny_loaded_model("llama")
-    else:
-        lm = load_model(None, cache_dir=get_core_settings().cache_dir)
+    lm = load_bench_model("tiny" if args.smoke else args.model, args.device, args.dtype)
     print("machine:", machine())
     print(f"model: {lm.name} ({lm.dtype}, {lm.device}), {args.steps} decode steps, {args.repeats} repeats")
 

@@ -1,8 +1,9 @@
 """GRPO step cost: one faithlens training step vs one TRL ``GRPOTrainer`` step, and the cost of
-faithlens's credit assignment (``credit="coupled"`` vs ``credit="none"``), in one run on CPU.
+faithlens's credit assignment (``credit="coupled"`` vs ``credit="none"``), in one run on one device
+(``--device``, ``--dtype`` and ``--model``, the same for both trainers; auto: CUDA when present).
 
-Both trainers get the same model weights (two separate copies of SmolLM2-135M-Instruct loaded by
-faithlens, float32, SDPA attention), a fresh LoRA adapter each (r=8, alpha=16, dropout 0, q/k/v/o
+Both trainers get the same model weights (separate copies of SmolLM2-135M-Instruct loaded by
+faithlens, float32 on a CPU, SDPA attention), a fresh LoRA adapter each (r=8, alpha=16, dropout 0, q/k/v/o
 projections), the same GSM8K train questions in the same order under the model's chat template (TRL
 gets conversational prompts and applies the template itself; the prompt ids are checked to match), G=4
 completions per question, P questions per step (TRL: per_device_train_batch_size = generation_batch_size
@@ -22,7 +23,7 @@ Not equal, by design of the two trainers (what is being compared): faithlens dec
 continuous-batching engine (one prefill per completion, then batched decode steps), TRL with
 ``model.generate`` on a left-padded batch; TRL also computes per-token entropies for its logs. Made
 equal by overriding TRL's defaults: gradient checkpointing off (TRL turns it on; faithlens does not
-checkpoint) and bf16 off (CPU float32 on both). Not equal: the random streams (faithlens
+checkpoint) and bf16/fp16 autocast off (both train in the dtype the model was loaded in). Not equal: the random streams (faithlens
 seeds each completion, TRL uses the global RNG), so completions and rewards differ. The AdamW
 implementations differ (TRL's default fused AdamW, faithlens's torch.optim.AdamW; over LoRA parameters only).
 
@@ -33,6 +34,7 @@ TRL callback. Round 0 is a warm-up; the medians are over the remaining rounds.
 
     python bench/grpo.py                       # SmolLM2, P=2 questions per step, 1 warm-up + 3 timed
     python bench/grpo.py --steps 5 --prompts 4 # more rounds, bigger steps
+    python bench/grpo.py --device cuda         # on a GPU, both trainers (bfloat16 unless --dtype says so)
     python bench/grpo.py --smoke               # tiny model, tiny sizes: CI's check that it runs
 """
 
@@ -53,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, print_table
+from bench.common import add_model_args, load_bench_model, machine, print_table
 from faithlens.data import Problem
 from faithlens.model import LoadedModel, unwrap
 from training.rewards import Sample, correctness
@@ -74,6 +76,9 @@ class Setup:
     max_new_tokens: int
     steps: int  # timed rounds, after one warm-up round
     fixed_length: bool
+    model: str | None = None  # "tiny", an HF directory or a .gguf path; None: the embedded SmolLM2
+    device: str = "auto"
+    dtype: str = "auto"
     generations: int = 4
     lora_r: int = 8
     lora_alpha: int = 16
@@ -109,13 +114,7 @@ class NoStopAtEos(LoadedModel):
 # -- models and data -----------------------------------------------------------------------------------------
 def load_lm(setup: Setup) -> LoadedModel:
     """A fresh model (the trainers wrap it with LoRA in place)."""
-    from faithlens.model import load_model
-    from faithlens.settings import get_core_settings
-    from faithlens.tiny import tiny_loaded_model
-
-    if setup.smoke:
-        return tiny_loaded_model("llama")
-    return load_model(None, device="cpu", dtype="float32", cache_dir=get_core_settings().cache_dir)
+    return load_bench_model("tiny" if setup.smoke else setup.model, setup.device, setup.dtype)
 
 
 def without_eos_stop(lm: LoadedModel) -> LoadedModel:
@@ -187,14 +186,16 @@ def gsm8k_reward(log: list[tuple[int, int, float]]) -> Callable[..., list[float]
     return gsm8k_correctness
 
 
-def trl_config(setup: Setup, output_dir: str):
+def trl_config(setup: Setup, output_dir: str, use_cpu: bool = True):
+    """TRL's arguments. Mixed precision stays off: the model arrives in the dtype it trains in (as ours
+    does), and ``use_cpu`` keeps the HF Trainer from moving a CPU model to a present GPU."""
     from trl import GRPOConfig
 
     batch = setup.prompts_per_step * setup.generations
     generation_kwargs = {"min_new_tokens": setup.max_new_tokens} if setup.fixed_length else None
     return GRPOConfig(
         output_dir=output_dir,
-        use_cpu=True,
+        use_cpu=use_cpu,
         bf16=False,
         fp16=False,
         activation_checkpointing=False,  # TRL's default turns it on (gradient_checkpointing=True)
@@ -243,7 +244,7 @@ def trl_trainer(
         model=lm.model,
         processing_class=lm.tokenizer,
         reward_funcs=gsm8k_reward(reward_log),
-        args=trl_config(setup, output_dir),
+        args=trl_config(setup, output_dir, use_cpu=lm.device.type == "cpu"),
         train_dataset=Dataset.from_list(rows),
         peft_config=LoraConfig(
             r=setup.lora_r,
@@ -315,6 +316,10 @@ def run(setup: Setup) -> tuple[dict[str, Variant], dict[str, Any]]:
         "question order identical (none/coupled)": same_order,
         "TRL activation checkpointing": trl.args.activation_checkpointing,
         "TRL optimizer": str(trl.args.optim),
+        "model (faithlens / TRL)": [
+            f"{ours['none'].lm.name}, {ours['none'].lm.dtype}, {ours['none'].lm.device}",
+            f"{next(trl.model.parameters()).dtype}, {trl.args.device}",
+        ],
         "attention (faithlens / TRL)": [
             unwrap(ours["none"].lm.model).config._attn_implementation,
             unwrap(trl.model).config._attn_implementation,
@@ -426,6 +431,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="questions per step (× 4 completions)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--natural-eos", action="store_true", help="let completions stop at EOS")
+    add_model_args(parser)
     args = parser.parse_args()
     setup = Setup(
         smoke=args.smoke,
@@ -433,6 +439,9 @@ def main() -> None:
         max_new_tokens=8 if args.smoke else args.max_new_tokens,
         steps=1 if args.smoke else args.steps,
         fixed_length=not args.natural_eos,
+        model="tiny" if args.smoke else args.model,
+        device=args.device,
+        dtype=args.dtype,
     )
     torch.manual_seed(setup.seed)
     print("machine:", json.dumps(machine()))

@@ -11,7 +11,12 @@ alone.
 
     python bench/serve.py --part batching                 # tiny model (target: ratio ≤ 0.6)
     python bench/serve.py --part latency --model smollm   # the engine issue's targets
+    python bench/serve.py --model smollm --device cuda    # on a GPU (the server gets FAITHLENS_DEVICE)
     python bench/serve.py --smoke                         # CI: tiny sizes, proves both parts run
+
+``--model`` is ``tiny`` (the default), ``smollm`` (the embedded SmolLM2), an HF directory or a .gguf
+path; ``--device`` and ``--dtype`` reach the server as ``FAITHLENS_DEVICE`` and ``FAITHLENS_DTYPE`` (the
+tiny model is float32 whatever ``--dtype`` says, in the server as in the engine part).
 """
 
 from __future__ import annotations
@@ -29,11 +34,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine, print_table
+from bench.common import ROOT, absolute_model, add_model_args, load_bench_model, machine, print_table
 from faithlens.tiny import save_tiny
 from tests.servers import start_server
 
 DEV = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+
+
+def model_arg(model: str | None) -> str | None:
+    """``--model``: ``smollm`` (and nothing) mean the embedded SmolLM2 (None)."""
+    return None if model in (None, "smollm") else absolute_model(model)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -151,12 +161,10 @@ def engine_part(args) -> None:
     the engine's policy from the HTTP layer and the benchmark's own clients, which share the cores."""
     from faithlens.analysis import analyze
     from faithlens.batching import DecodeBatch, SequenceState
-    from faithlens.model import load_model
     from faithlens.params import SaliencyParams, SamplingParams
     from faithlens.slicing import SlicedRun, install_checkpoints
-    from faithlens.tiny import tiny_loaded_model
 
-    lm = tiny_loaded_model("llama") if args.model == "tiny" else load_model()
+    lm = load_bench_model(model_arg(args.model), args.device, args.dtype)
     install_checkpoints(lm.model)
     question, completion = analysis_text(args.analysis_chars)
     prompt, response = lm.prompt_ids(question, chat=True), lm.completion_ids(completion)
@@ -266,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["tiny", "smollm"], default="tiny")
+    add_model_args(parser, default="tiny")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of each mode")
@@ -281,18 +289,23 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
+        args.model = "tiny"
         args.new_tokens, args.repeats, args.clients = 8, 1, 4
         args.stream_tokens, args.analysis_chars = 8, 200
     print("machine:", machine())
+    print(f"model: {args.model}, device {args.device}, dtype {args.dtype}")
     if args.part in ("engine", "all"):
         engine_part(args)
     if args.part == "engine":
         return
     work = Path(tempfile.mkdtemp(prefix="faithlens-bench-serve-"))
-    model = save_tiny(work / "tiny-llama") if args.model == "tiny" else None
+    model = model_arg(args.model)
     server = start_server(
         work,
-        model,
+        save_tiny(work / "tiny-llama") if model == "tiny" else (Path(model) if model else None),
+        FAITHLENS_DEVICE=args.device,
+        # the tiny model is float32, as load_bench_model makes it for the engine part
+        FAITHLENS_DTYPE="float32" if model == "tiny" else args.dtype,
         FAITHLENS_MAX_BATCH_SIZE=str(max(8, args.clients)),
         FAITHLENS_LOG_LEVEL="WARNING",
         FAITHLENS_MAX_ANALYSIS_COST="1e9",  # the benchmark chooses its analysis; the limit is not measured
