@@ -478,6 +478,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("out", type=Path, nargs="?", help="folder for results.json")
     parser.add_argument("--save-tokenizer", type=Path, help="write SmolLM2's tokenizer there, and stop")
+    parser.add_argument(
+        "--save-model",
+        nargs=2,
+        metavar=("SHAPE", "DIR"),
+        help="write a random model of SHAPE there, and stop",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=None)
@@ -494,8 +500,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--smoke", action="store_true", help="small sizes: proves it runs (CI)")
     args = parser.parse_args(argv)
-    if args.out is None and args.save_tokenizer is None:
-        parser.error("give a folder for results.json (or --save-tokenizer DIR)")
+    if args.out is None and args.save_tokenizer is None and args.save_model is None:
+        parser.error("give a folder for results.json (or --save-tokenizer DIR, or --save-model SHAPE DIR)")
     if args.smoke:
         args.context, args.targets, args.reference_positions = 24, 3, 8
         args.scoring_lengths, args.annotate_tokens = [64, 128], 8
@@ -510,6 +516,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.save_tokenizer:
         save_tokenizer(args.save_tokenizer)
+        return
+    if args.save_model:  # for the benchmarks that load a model by path (bench/serve.py, bench/grpo.py)
+        name, path = args.save_model
+        lm = build(
+            name, pick_device(args.device), pick_dtype(args.dtype, pick_device(args.device)), tokenizer()
+        )
+        lm.model.save_pretrained(path)
+        lm.tokenizer.save_pretrained(path)
         return
     args.device = pick_device(args.device)
     args.dtype = pick_dtype(args.dtype, args.device)

@@ -80,6 +80,7 @@ class Setup:
     device: str = "auto"
     dtype: str = "auto"
     generations: int = 4
+    toy_problems: bool = False  # the toy questions instead of GSM8K (a machine without the data)
     lora_r: int = 8
     lora_alpha: int = 16
     learning_rate: float = 1e-4
@@ -125,7 +126,7 @@ def load_problems(setup: Setup) -> list[Problem]:
     from faithlens.data import load_gsm8k
 
     needed = setup.rounds * setup.prompts_per_step
-    if setup.smoke:
+    if setup.smoke or setup.toy_problems:
         return [TOY_PROBLEMS[i % len(TOY_PROBLEMS)] for i in range(needed)]
     return load_gsm8k("train", limit=needed)
 
@@ -428,9 +429,12 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=3, help="timed rounds after one warm-up round")
-    parser.add_argument("--prompts", type=int, default=2, help="questions per step (× 4 completions)")
+    parser.add_argument("--prompts", type=int, default=2, help="questions per step (× --generations)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--natural-eos", action="store_true", help="let completions stop at EOS")
+    parser.add_argument("--generations", type=int, default=4, help="completions per question")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--toy-problems", action="store_true", help="toy questions, not GSM8K train")
     add_model_args(parser)
     args = parser.parse_args()
     setup = Setup(
@@ -442,6 +446,10 @@ def main() -> None:
         model="tiny" if args.smoke else args.model,
         device=args.device,
         dtype=args.dtype,
+        generations=args.generations,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        toy_problems=args.toy_problems,
     )
     torch.manual_seed(setup.seed)
     print("machine:", json.dumps(machine()))
