@@ -67,7 +67,8 @@ bench-smoke: setup-dev
 # or holds too old, as wheels for its Python 3.12, and SmolLM2's tokenizer. Both folders are ignored, and
 # travel with the working tree when a device call names them in `carry`.
 GPU_WHEELS := pydantic pydantic_core pydantic-settings python-dotenv typing-inspection annotated-types \
-	transformers huggingface_hub httpx2 httpcore2 truststore tokenizers peft trl datasets dill multiprocess
+	transformers huggingface_hub httpx2 httpcore2 truststore tokenizers regex typing_extensions peft trl datasets \
+	dill multiprocess
 GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
 gpu-bundle: setup-dev
 	rm -rf .whl && mkdir -p .whl

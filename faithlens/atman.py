@@ -119,17 +119,19 @@ class BatchPlan:
     prefix_reuse: bool
 
 
-def row_bytes(model: torch.nn.Module, n: int, dtype: torch.dtype) -> int:
+def row_bytes(model: torch.nn.Module, n: int, dtype: torch.dtype, targets: int = 0) -> int:
     """Memory one suppression row of ``n`` tokens needs during a pass: its KV cache over all layers, its
-    float mask (and the mask plus bias), the attention scores of a math-kernel fallback, and one layer's
-    activations at a time (inference mode frees the others)."""
+    float mask (and the mask plus bias), the attention scores of a math-kernel fallback, one layer's
+    activations at a time (inference mode frees the others), and the float32 logits and log-probs of its
+    ``targets`` target rows."""
     cfg = model.config
     size = torch.finfo(dtype).bits // 8
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * size
     inter = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     activations = (6 * cfg.hidden_size + 3 * inter) * size
-    return n * n * (2 * size + 4 * cfg.num_attention_heads) + n * (kv + activations)
+    head = 2 * targets * cfg.vocab_size * 4
+    return n * n * (2 * size + 4 * cfg.num_attention_heads) + n * (kv + activations) + head
 
 
 def _free_memory_bytes(device: torch.device) -> int:
@@ -137,8 +139,9 @@ def _free_memory_bytes(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def batch_plan(lm: LoadedModel, n: int, compute: ComputeOptions) -> BatchPlan:
-    """The plan for ``lm``'s device; ``compute`` may fix the memory budget and slack (tests, benchmarks)."""
+def batch_plan(lm: LoadedModel, n: int, compute: ComputeOptions, targets: int = 0) -> BatchPlan:
+    """The plan for ``lm``'s device; ``compute`` may fix the memory budget and slack (tests, benchmarks).
+    Below float32 one row of each batch is the reference row (:func:`target_logprobs`)."""
     on_gpu = lm.device.type == "cuda"
     if compute.atman_memory_mb is not None:
         budget = compute.atman_memory_mb * 2**20
@@ -146,7 +149,9 @@ def batch_plan(lm: LoadedModel, n: int, compute: ComputeOptions) -> BatchPlan:
         budget = int(GPU_FREE_MEMORY_SHARE * _free_memory_bytes(lm.device))
     else:
         budget = CPU_MEMORY_BUDGET_MB * 2**20
-    rows = max(1, min(MAX_ROWS, budget // row_bytes(unwrap(lm.model), n, lm.dtype)))
+    rows = max(1, min(MAX_ROWS, budget // row_bytes(unwrap(lm.model), n, lm.dtype, targets)))
+    if lm.dtype != torch.float32:
+        rows = max(1, rows - 1)
     slack = compute.recompute_slack
     if slack is None:
         slack = GPU_RECOMPUTE_SLACK if on_gpu else CPU_RECOMPUTE_SLACK
@@ -231,19 +236,21 @@ def target_logprobs(
     model = unwrap(lm.model)
     ids = torch.tensor([input_ids], device=lm.device)
     n = ids.shape[1]
-    plan = batch_plan(lm, n, compute)
+    plan = batch_plan(lm, n, compute, len(target))
     backbone = getattr(model, model.base_model_prefix)
     head = _TargetHead.of(model, ids, target)
     unperturbed = backbone(input_ids=ids, use_cache=plan.prefix_reuse)  # base log-prob and prefix cache
     cache = unperturbed.past_key_values if plan.prefix_reuse else None
     base = float(head.logprob(unperturbed.last_hidden_state, 0)[0])
     del unperturbed
+    biases = biases.cpu()
     nonzero = biases != 0
     first = torch.where(nonzero.any(1), nonzero.float().argmax(1), torch.full((len(biases),), n)).tolist()
+    first = [min(f, min(target) - 1) for f in first]  # no pass starts after the first target's input
     reference_row = lm.dtype != torch.float32
     out = torch.empty(len(biases), dtype=torch.float64)
     for batch in plan_batches(first, n, plan):
-        start = min(min(first[g] for g in batch), min(target) - 1) if plan.prefix_reuse else 0
+        start = min(first[g] for g in batch) if plan.prefix_reuse else 0
         rows = biases[batch]
         if reference_row:
             rows = torch.cat([rows, torch.zeros(1, n, dtype=rows.dtype)])
