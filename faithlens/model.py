@@ -191,7 +191,15 @@ def _load_weights(source: ModelSource, dtype: torch.dtype, cache_root: Path | No
             log.info("cached conversion", extra={"path": str(cached)})
         except OSError as exc:  # a read-only or full cache only costs speed
             log.warning("could not cache conversion", extra={"error": str(exc)})
-    return model.to(dtype), tokenizer
+    return _cast_weights(model, dtype), tokenizer
+
+
+def _cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The parameters in ``dtype``, buffers as they are: ``from_pretrained(dtype=...)`` keeps the rotary
+    frequencies in float32, and a first load converted from GGUF must equal the later cached ones."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model
 
 
 def load_model(

@@ -44,6 +44,19 @@ def test_gguf_path_loads_without_cache(tmp_path):
     assert lm.num_layers == 30
 
 
+def test_a_bf16_gguf_load_keeps_rope_in_float32_as_hf_does(tmp_path):
+    """Converted straight from GGUF (no cache) or from the cached conversion, a bfloat16 model has bf16
+    weights and float32 rotary frequencies, as ``from_pretrained(dtype=bfloat16)`` loads them: a cast of
+    the whole module would round the frequencies (a phase error of radians at a few thousand positions)."""
+    source = embedded_source()
+    for cache_dir in (None, tmp_path, tmp_path):  # converted, converted and cached, read from the cache
+        lm = load_model(
+            source.directory / source.gguf_file, device="cpu", dtype="bfloat16", cache_dir=cache_dir
+        )
+        assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+        assert {b.dtype for b in lm.model.buffers()} == {torch.float32}
+
+
 @pytest.mark.smollm
 def test_chat_template_and_prompt_forms(smollm):
     ids = smollm.prompt_ids("What is 2+3?", chat=True)
