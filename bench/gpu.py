@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, current_rss_mib, machine, peak_rss_mib, print_table, reset_peak_rss
+from bench.common import ROOT, machine, peak_memory_mib, print_table, reset_peak_memory, timed
 
 # The SmolLM2 tokenizer, saved once (``make gpu-bundle``) so that it travels with the working tree; the
 # 98 MB GGUF it comes from does not fit in what can travel to the GPU machine.
@@ -133,19 +133,6 @@ def build(name: str, device: torch.device, dtype: torch.dtype, tok) -> Any:
 # ---------------------------------------------------------------- counting and timing
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
-    sync(device)
-    started = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - started
-
-
 def forward_flops(config, rows: int, new: int, past: int, head_rows: int) -> float:
     """Multiply-adds × 2 of ``rows`` sequences of ``new`` tokens after ``past`` cached ones: the linear
     layers, the causal part of attention (what a causal kernel needs), and ``head_rows`` rows of the
@@ -190,23 +177,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = math.inf
     for _ in range(5):
-        _, seconds = timed(device, lambda: a @ b)
+        _, seconds = timed(lambda: a @ b, device)
         best = min(best, seconds)
     return 2 * size**3 / best
 
 
 def peak_memory(device: torch.device, fn: Callable[[], Any]) -> tuple[float, float]:
-    """Seconds, and MiB allocated at the peak above what was allocated before (CUDA) or peak RSS above
-    the RSS before (CPU)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        _, seconds = timed(device, fn)
-        return seconds, (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    before = reset_peak_rss()
-    _, seconds = timed(device, fn)
-    return seconds, max(peak_rss_mib() - before, current_rss_mib() - before)
+    """Seconds, and the peak memory in MiB above what was in use before (CUDA: allocated; CPU: RSS)."""
+    before = reset_peak_memory(device)
+    _, seconds = timed(fn, device)
+    return seconds, peak_memory_mib(device) - before
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -241,19 +221,18 @@ def atman_rows(lm, args) -> dict[str, Any]:
     warm = ids[: min(64, args.context)]
     compute_saliency(lm, warm, 0, SaliencyParams(target=[len(warm) - 1]))  # warm-up: kernels, allocator
     with counting_flops(lm) as flops:
-        ours, t_ours = timed(lm.device, lambda: compute_saliency(lm, ids, 0, params))
+        ours, t_ours = timed(lambda: compute_saliency(lm, ids, 0, params), lm.device)
     positions = [g[0] for g in ours.groups]
     head = 2 * len(positions) * len(target) * lm.model.config.hidden_size * lm.model.config.vocab_size
     ours_flops = flops[0] + head
     with counting_flops(lm) as flops:
-        naive, t_naive = timed(lm.device, lambda: naive_loop(lm, ids, target, positions, 0.1))
+        naive, t_naive = timed(lambda: naive_loop(lm, ids, target, positions, 0.1), lm.device)
     naive_flops = (
         flops[0]
         + 2 * (1 + len(positions)) * len(ids) * lm.model.config.hidden_size * lm.model.config.vocab_size
     )
-    grad, t_grad = timed(
-        lm.device, lambda: compute_saliency(lm, ids, 0, SaliencyParams(target=target, method="atman_grad"))
-    )
+    grad_params = SaliencyParams(target=target, method="atman_grad")
+    grad, t_grad = timed(lambda: compute_saliency(lm, ids, 0, grad_params), lm.device)
     scores = ours.scores[positions]
     row: dict[str, Any] = {
         "context_tokens": len(positions),
@@ -339,10 +318,9 @@ def annotate_row(lm, args) -> dict[str, Any]:
     prompt = random_ids(lm, 64, seed=3)
     n = args.annotate_tokens
     generate(lm, prompt, SamplingParams(max_new_tokens=4))
-    gen, t_gen = timed(
-        lm.device, lambda: generate(lm, prompt, SamplingParams(max_new_tokens=n, min_new_tokens=n))
-    )
-    _, t_annotate = timed(lm.device, lambda: analyze(lm, prompt, gen.token_ids))
+    forced = SamplingParams(max_new_tokens=n, min_new_tokens=n)
+    gen, t_gen = timed(lambda: generate(lm, prompt, forced), lm.device)
+    _, t_annotate = timed(lambda: analyze(lm, prompt, gen.token_ids), lm.device)
     return {"tokens": n, "generate_s": t_gen, "annotate_s": t_annotate, "overhead": t_annotate / t_gen}
 
 
@@ -380,7 +358,7 @@ def streams_row(lm, args) -> dict[str, Any]:
     prompts = [prompt_of(lm, 128, seed=s) for s in range(n)]
     params = SamplingParams(max_new_tokens=new, min_new_tokens=new)
     generate_batch(lm, [(p, SamplingParams(max_new_tokens=2)) for p in prompts])
-    _, t_ours = timed(lm.device, lambda: generate_batch(lm, [(p, params) for p in prompts]))
+    _, t_ours = timed(lambda: generate_batch(lm, [(p, params) for p in prompts]), lm.device)
     ids = torch.tensor(prompts, device=lm.device)
 
     def hf(new: int = new) -> None:
@@ -396,7 +374,7 @@ def streams_row(lm, args) -> dict[str, Any]:
             )
 
     hf(2)  # warm-up, as ours had: the static cache's first allocation and kernels
-    _, t_hf = timed(lm.device, hf)
+    _, t_hf = timed(hf, lm.device)
     return {
         "streams": n,
         "new_tokens": new,
