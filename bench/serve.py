@@ -172,7 +172,7 @@ def engine_part(args) -> None:
     share = args.analysis_share or 2.0
 
     def batch() -> DecodeBatch:
-        b = DecodeBatch(lm)
+        b = DecodeBatch(lm, slots=args.streams, max_context=4096)  # rows run until the bench stops them
         for i in range(args.streams):
             ids = lm.prompt_ids(f"Client {i}: write a long story about numbers.", chat=True)
             b.add(

@@ -1,38 +1,48 @@
-"""Continuous batching for decoding: sequences join and leave one running batch between steps.
+"""The one decode path: continuous batching on a static, slotted KV cache.
 
-This is the one decode path: the server engine, the trainer's rollouts, ``training.eval`` and
-:func:`faithlens.generation.generate` (a batch of one) all sample through :class:`DecodeBatch`.
+The server engine, the trainer's rollouts, ``training.eval``, audits, the rhythm study and
+:func:`faithlens.generation.generate` all decode through :class:`DecodeBatch`.
 
-The batch keeps one dense, left-padded KV cache. A new sequence is prefilled alone and merged in (its
-cache and the batch's are left-padded to a common length); finished rows are dropped with an index
-select, and columns that became padding for every row are trimmed. Each step then feeds one token per
-row in a single forward pass, so requests that overlap in time share their decode passes, as in vLLM,
-without a paged cache (which HF models do not have).
+Device side (:mod:`faithlens.decode_step`, :mod:`faithlens.kvcache`, :mod:`faithlens.sampling`): the KV
+cache is allocated once as slots × a maximum context; a request prefills into a free slot and frees it
+when it ends, so nothing is concatenated, restacked or reallocated while decoding. Each step is one
+function of preallocated tensors over the first ``rows`` slots, sampling on the device, and the host
+reads its result once (token ids, log-probs and top log-probs of every row in one copy). On CUDA each
+step shape is captured as a CUDA graph (``FAITHLENS_CUDA_GRAPHS``).
 
-A step costs what attention must, O(context), and nothing that grows faster:
+Host side (this module): which request sits in which slot, a FIFO of requests waiting for one, and,
+after the step's one read, everything that needs Python: EOS and length endings, incremental
+detokenisation (:class:`Detokenizer`, vLLM's prefix/read offsets, O(1) per token), stop strings
+(searched only in the tail a new token can change) and what a stream may show (:func:`visible_text`).
 
-* the KV cache (:class:`GrowingCache`) and the attention mask write each new column in place into
-  preallocated storage whose capacity doubles when full (amortised O(1) copies per token), and hand
-  the model views of the filled part;
-* the text is detokenised incrementally (:class:`Detokenizer`, vLLM's prefix/read offsets), so a token
-  costs O(1) to decode, and stop strings are searched for only in the tail a new token can change.
-
-Rows may use different LoRA adapters in the same pass: peft's mixed-batch ``adapter_names``.
+Rows may use different LoRA adapters in the same pass (peft's mixed-batch ``adapter_names``); such a
+step runs eagerly, since peft splits the batch by adapter in Python. A batch on one adapter is captured
+with that adapter active.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 
+from faithlens.decode_step import (
+    Buckets,
+    CudaGraphs,
+    CudaGraphsMode,
+    DecodeStep,
+    SlotState,
+    host_read,
+    resolve_cuda_graphs,
+)
 from faithlens.generation import FinishReason, SamplingParams
-from faithlens.model import LoadedModel
+from faithlens.kvcache import KVPlan, KVShape, SlotKVCache, plan_kv
+from faithlens.model import LoadedModel, unwrap
+from faithlens.sampling import TOP_LOGPROBS_MAX, SamplerFlags, request_seed
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 character
@@ -81,15 +91,15 @@ class SequenceState:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str = BASE_ADAPTER
-    num_top_logprobs: int = 0  # alternatives to record per token (OpenAI's top_logprobs)
+    num_top_logprobs: int = 0  # alternatives to record per token (OpenAI's top_logprobs, at most 20)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
     started: float = field(default_factory=time.perf_counter)
-    generator: torch.Generator | None = None
-    _pending: int | None = None  # the sampled token not yet fed to the model
+    slot: int | None = None  # the KV cache slot while it decodes
+    _position: int = 0  # the cache column of the pending token (the last one sampled)
     _detok: Detokenizer | None = field(default=None, repr=False)
     _text_ends: list[int] = field(default_factory=list, repr=False)  # len(text) after each token
 
@@ -97,36 +107,8 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private RNG per request, so a seeded request samples the same tokens whatever it shares a batch
-    with."""
-    if params.temperature < GREEDY_BELOW:
-        return None
-    gen = torch.Generator(device=device)
-    if params.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(params.seed % 2**63)  # any int a client sends (OpenAI allows negatives)
-    return gen
-
-
-GREEDY_BELOW = 1e-5  # temperatures this small are greedy (as in vLLM); dividing by them overflows
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature ~0, else temperature + nucleus sampling with the request's own RNG."""
-    if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if not torch.isfinite(probs).all():
-        return int(logits.argmax())
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < params.top_p
-        keep[0] = True  # the nucleus always holds the top token, however small top_p is
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    def sampler_row(self) -> tuple[SamplingParams, int]:
+        return self.params, self.num_top_logprobs
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -140,294 +122,200 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-# -- growing storage -------------------------------------------------------------------------------------
-def _capacity(columns: int) -> int:
-    """Storage for at least ``columns`` columns: a power of two, so full storage doubles."""
-    return max(16, 1 << (columns - 1).bit_length())
-
-
-class SeqBuffer:
-    """A tensor that grows along one sequence axis in place.
-
-    ``storage`` is preallocated with room to spare; columns ``[start, end)`` are filled and ``view`` is
-    a view of them. An append writes into the spare room; when none is left the filled part moves to
-    storage of twice the size, so each column is copied O(1) times on average. Dropping leading columns
-    only moves ``start``.
-    """
-
-    def __init__(self, storage: torch.Tensor, axis: int, start: int = 0, end: int = 0) -> None:
-        self.storage, self.axis, self.start, self.end = storage, axis, start, end
-
-    @classmethod
-    def empty(cls, like: torch.Tensor, axis: int, columns: int) -> SeqBuffer:
-        """An empty buffer for tensors shaped like ``like``, with room for ``columns`` columns."""
-        shape = list(like.shape)
-        shape[axis] = _capacity(columns)
-        return cls(like.new_empty(shape), axis)
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    @property
-    def capacity(self) -> int:
-        return self.storage.shape[self.axis]
-
-    @property
-    def view(self) -> torch.Tensor:
-        return self.storage.narrow(self.axis, self.start, self.end - self.start)
-
-    def append(self, columns: torch.Tensor) -> None:
-        n = columns.shape[self.axis]
-        if self.end + n > self.capacity:
-            self._move(self.storage.shape[0], len(self) + n)
-        self.storage.narrow(self.axis, self.end, n).copy_(columns)
-        self.end += n
-
-    def _move(self, rows: int, columns: int, index: torch.Tensor | None = None) -> None:
-        """Move the filled part (rows ``index``) to the front of fresh storage with room for ``columns``."""
-        live = self.view if index is None else self.view.index_select(0, index)
-        shape = list(self.storage.shape)
-        shape[0], shape[self.axis] = rows, _capacity(columns)
-        storage = self.storage.new_empty(shape)
-        storage.narrow(self.axis, 0, live.shape[self.axis]).copy_(live)
-        self.storage, self.start, self.end = storage, 0, live.shape[self.axis]
-
-    def select_rows(self, index: torch.Tensor) -> None:
-        self._move(len(index), len(self) + 1, index.to(self.storage.device))
-
-    def drop_left(self, columns: int) -> None:
-        self.start += min(columns, len(self))
-
-    def drop_right(self, columns: int) -> None:
-        self.end -= min(columns, len(self))
-
-    @classmethod
-    def stack_left_padded(cls, parts: Sequence[SeqBuffer], room: int = 1) -> SeqBuffer:
-        """Stack the rows of ``parts``, each right-aligned (left-padded with zeros) to the longest."""
-        axis = parts[0].axis
-        length = max(len(p) for p in parts)
-        shape = list(parts[0].storage.shape)
-        shape[0], shape[axis] = sum(p.storage.shape[0] for p in parts), _capacity(length + room)
-        storage = parts[0].storage.new_zeros(shape)
-        row = 0
-        for part in parts:
-            rows = part.storage.shape[0]
-            storage[row : row + rows].narrow(axis, length - len(part), len(part)).copy_(part.view)
-            row += rows
-        return cls(storage, axis, 0, length)
-
-
-class GrowingLayer(DynamicLayer):
-    """A :class:`~transformers.cache_utils.DynamicLayer` whose ``update`` writes in place into
-    preallocated storage (:class:`SeqBuffer`, capacity doubling) instead of ``torch.cat``-ing a new
-    tensor every step. ``keys`` and ``values`` are views of the filled part, shaped as DynamicLayer's, so
-    masks and positions (``get_seq_length``, ``get_mask_sizes``) work unchanged."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._k: SeqBuffer | None = None
-        self._v: SeqBuffer | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        room = key_states.shape[-2] + 1  # the prefill and the first decoded token
-        self._k = SeqBuffer.empty(key_states, 2, room)
-        self._v = SeqBuffer.empty(value_states, 2, room)
-        self.is_initialized = True
-
-    def _sync(self) -> None:
-        assert self._k is not None and self._v is not None
-        self.keys, self.values = self._k.view, self._v.view
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self._k is not None and self._v is not None
-        self._k.append(key_states)
-        self._v.append(value_states)
-        self._sync()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return len(self._k) if self.is_initialized and self._k is not None else 0
-
-    def reset(self) -> None:
-        self._k = self._v = None
-        super().reset()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        self._k.drop_right(-tokens_to_remove)
-        self._v.drop_right(-tokens_to_remove)
-        self._sync()
-
-    def drop_left(self, columns: int) -> None:
-        """Forget the first ``columns`` positions of every row (padding no row needs any more)."""
-        if self.is_initialized:
-            self._k.drop_left(columns)
-            self._v.drop_left(columns)
-            self._sync()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k.select_rows(indices)
-            self._v.select_rows(indices)
-            self._sync()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            rows = self._k.storage.shape[0]
-            self.batch_select_indices(torch.arange(rows, device=self.device).repeat_interleave(repeats))
-
-    @classmethod
-    def stack_left_padded(cls, layers: Sequence[GrowingLayer]) -> GrowingLayer:
-        """One layer holding the rows of ``layers``, each left-padded to the longest."""
-        out = cls()
-        out.dtype, out.device = layers[0].dtype, layers[0].device
-        out._k = SeqBuffer.stack_left_padded([layer._k for layer in layers])
-        out._v = SeqBuffer.stack_left_padded([layer._v for layer in layers])
-        out.is_initialized = True
-        out._sync()
-        return out
-
-
-class GrowingCache(DynamicCache):
-    """A DynamicCache of :class:`GrowingLayer` s: in-place, amortised O(1) appends per token."""
-
-    def __init__(self, layers: list[GrowingLayer] | None = None) -> None:
-        if layers is None:
-            Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
-        else:
-            Cache.__init__(self, layers=list(layers))
-
-    @classmethod
-    def stack_left_padded(cls, caches: Sequence[GrowingCache]) -> GrowingCache:
-        per_layer = zip(*(cache.layers for cache in caches), strict=True)
-        return cls([GrowingLayer.stack_left_padded(layers) for layers in per_layer])
-
-    def drop_left(self, columns: int) -> None:
-        for layer in self.layers:
-            layer.drop_left(columns)
+def _has_adapters(lm: LoadedModel) -> bool:
+    return hasattr(lm.model, "peft_config")  # faithlens.lora.has_adapters, without its imports
 
 
 # -- the batch -------------------------------------------------------------------------------------------
-class DecodeBatch:
-    """The running batch. Not thread-safe: one owner (the engine thread) drives it."""
+DEFAULT_SLOTS = 16  # offline work (rollouts, evals, the study); the server sizes its own
 
-    def __init__(self, lm: LoadedModel) -> None:
+
+class DecodeBatch:
+    """The running batch over a static KV cache of ``slots`` rows × ``max_context`` tokens.
+
+    ``add`` prefills a request into a free slot (or queues it, FIFO, until one frees); ``step`` admits
+    queued requests, runs one decode step for every live row and returns the rows that finished (already
+    removed). Not thread-safe: one owner (the engine thread, the trainer, ...) drives it.
+
+    Both sizes are the caller's (the engine's limits, or the work at hand: :meth:`for_work`), since the
+    cache takes slots × context × the model's per-token KV bytes up front. ``max_context`` is capped at
+    the model's; a request whose prompt does not fit is refused, and a row that reaches it ends with
+    ``length``. ``cuda_graphs`` and ``kv_memory_fraction`` default to the core
+    settings (``FAITHLENS_CUDA_GRAPHS``, ``FAITHLENS_KV_MEMORY_FRACTION``); on CUDA the slots may shrink
+    to what free memory holds (:func:`faithlens.kvcache.plan_kv`).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        slots: int,
+        max_context: int,
+        cuda_graphs: CudaGraphsMode | None = None,
+        kv_memory_fraction: float | None = None,
+        key_block: int | None = None,
+    ) -> None:
+        from faithlens.settings import get_core_settings
+
+        settings = get_core_settings()
+        config = unwrap(lm.model).config
+        model_max = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+        context = min(max_context, model_max)
+        fraction = settings.kv_memory_fraction if kv_memory_fraction is None else kv_memory_fraction
+        self.plan: KVPlan = plan_kv(KVShape.of(config, lm.dtype), slots, context, lm.device, fraction)
         self.lm = lm
-        self.rows: list[SequenceState] = []
-        self._cache: GrowingCache | None = None
-        self._mask: SeqBuffer | None = None  # (B, L) 1 for real tokens, 0 for left padding
         self._eos = lm.eos_token_ids
-        self._eos_index = torch.tensor(sorted(self._eos), dtype=torch.long, device=lm.device)
-        self._max_len = getattr(lm.model.config, "max_position_embeddings", None) or 1 << 30
+        self.cache = SlotKVCache(KVShape.of(config, lm.dtype), self.plan.slots, context, lm.device)
+        self.state = SlotState.allocate(self.plan.slots, lm.device)
+        self.captured = resolve_cuda_graphs(cuda_graphs or settings.cuda_graphs, lm.device)
+        block = key_block or (256 if self.captured else 64)
+        self.buckets = Buckets(self.plan.slots, context, block, power_of_two_rows=self.captured)
+        self._step = DecodeStep(lm, self.cache, self.state)
+        self._graphs = CudaGraphs(self._step) if self.captured else None
+        self._slots: list[SequenceState | None] = [None] * self.plan.slots
+        self.rows: list[SequenceState] = []  # live rows, in the order they joined
+        self._waiting: deque[SequenceState] = deque()
+
+    @classmethod
+    def for_work(
+        cls, lm: LoadedModel, lengths: Sequence[tuple[int, int]], max_slots: int = DEFAULT_SLOTS
+    ) -> DecodeBatch:
+        """A batch sized to known work, ``(prompt tokens, max new tokens)`` per request: as many slots as
+        requests (at most ``max_slots``; the rest queue) and the longest request's context."""
+        context = max((prompt + new for prompt, new in lengths), default=1)
+        return cls(lm, slots=max(1, min(len(lengths), max_slots)), max_context=context)
+
+    @property
+    def slots(self) -> int:
+        return self.plan.slots
+
+    @property
+    def max_context(self) -> int:
+        return self.plan.max_context
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Live rows and queued requests: work left."""
+        return len(self.rows) + len(self._waiting)
 
-    # -- forward passes -------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, adapters: list[str], **kwargs) -> torch.Tensor:
-        if hasattr(self.lm.model, "peft_config"):
-            kwargs["adapter_names"] = adapters
-        out = self.lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1]
+    def has_free_slot(self) -> bool:
+        return len(self.rows) < self.slots
 
+    def fits(self, slots: int, max_context: int) -> bool:
+        """Whether this batch (idle) can take work needing ``slots`` rows of ``max_context`` tokens."""
+        return not len(self) and slots <= self.slots and max_context <= self.max_context
+
+    # -- joining ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def add(self, seq: SequenceState) -> None:
-        """Prefill ``seq`` alone, sample its first token and merge it into the batch (unless that token
-        already finishes it)."""
-        ids = torch.tensor([seq.prompt_ids], device=self.lm.device)
-        cache = GrowingCache()
-        logits = self._forward(ids, [seq.adapter], past_key_values=cache)
-        seq.generator = seq.generator or make_generator(seq.params, self.lm.device)
-        self._accept(seq, logits[0])
-        if not seq.finished:
-            self._merge(seq, cache)
+        """Prefill ``seq`` into a free slot and sample its first token (it may finish right there), or
+        queue it until a slot frees."""
+        if len(seq.prompt_ids) >= self.max_context:
+            raise ValueError(
+                f"the prompt has {len(seq.prompt_ids)} tokens; this decode batch holds {self.max_context}"
+            )
+        if seq.num_top_logprobs > TOP_LOGPROBS_MAX:
+            raise ValueError(f"at most {TOP_LOGPROBS_MAX} top log-probs per token")
+        if self.has_free_slot() and not self._waiting:
+            self._prefill(seq, self._slots.index(None))
+        else:
+            self._waiting.append(seq)
 
+    def _prefill(self, seq: SequenceState, slot: int) -> None:
+        self.state.sampling.set(slot, seq.params, request_seed(seq.params))
+        adapter = None if not _has_adapters(self.lm) else seq.adapter
+        packed = self._step.prefill(slot, seq.prompt_ids, adapter, SamplerFlags.of([seq.sampler_row()]))
+        seq.slot, seq._position = slot, len(seq.prompt_ids)
+        self._slots[slot] = seq
+        self.rows.append(seq)
+        self._accept(seq, host_read(packed)[0])
+        if seq.finished:
+            self._free(seq)
+
+    def _admit_waiting(self) -> list[SequenceState]:
+        """Prefill queued requests into free slots; returns those that finished at once."""
+        done = []
+        while self._waiting and self.has_free_slot():
+            seq = self._waiting.popleft()
+            self._prefill(seq, self._slots.index(None))
+            if seq.finished:
+                done.append(seq)
+        return done
+
+    # -- stepping ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[SequenceState]:
-        """Feed every row its pending token; returns the rows that finished (already removed)."""
+        """Feed every live row its pending token; returns the rows that finished (already removed)."""
+        finished = self._admit_waiting()
         if not self.rows:
-            return []
-        assert self._cache is not None and self._mask is not None
-        device = self.lm.device
-        ids = torch.tensor([[row._pending] for row in self.rows], device=device)
-        positions = torch.tensor(
-            [[len(r.prompt_ids) + len(r.token_ids) - 1] for r in self.rows], device=device
+            return finished
+        flags = SamplerFlags.of(seq.sampler_row() for seq in self.rows)
+        shape = self.buckets.shape(
+            max(seq.slot for seq in self.rows), max(seq._position for seq in self.rows) + 1, flags
         )
-        self._mask.append(self._mask.storage.new_ones(len(self.rows), 1))
-        logits = self._forward(
-            ids,
-            [row.adapter for row in self.rows],
-            past_key_values=self._cache,
-            attention_mask=self._mask.view,
-            position_ids=positions,
-        )
-        for row, row_logits in zip(self.rows, logits, strict=True):
-            self._accept(row, row_logits)
-        return self.remove([i for i, row in enumerate(self.rows) if row.finished])
+        packed = self._run(shape)
+        values = host_read(packed)
+        for seq in list(self.rows):
+            self._accept(seq, values[seq.slot])
+            if seq.finished:
+                self._free(seq)
+                finished.append(seq)
+        return finished
 
+    def _run(self, shape) -> torch.Tensor:
+        """The step, captured when it can be: on CUDA with graphs on, and unless rows mix adapters."""
+        if not _has_adapters(self.lm):
+            return self._graphs.run(shape, None) if self._graphs else self._step(shape)
+        names = [seq.adapter if seq is not None else BASE_ADAPTER for seq in self._slots[: shape.rows]]
+        live = {seq.adapter for seq in self.rows}
+        if self._graphs is None or len(live) > 1:
+            return self._step(shape, names)  # a mixed batch: peft splits it by adapter, eagerly
+        from faithlens import lora  # lora imports the engine's errors, whose package imports this module
+
+        (adapter,) = live
+        with lora.active(self.lm, None if adapter == BASE_ADAPTER else adapter):
+            return self._graphs.run(shape, adapter)
+
+    # -- leaving ------------------------------------------------------------------------------------------------
     def remove(self, indices: Sequence[int]) -> list[SequenceState]:
-        """Drop rows (finished or cancelled) and the cache columns no remaining row needs."""
-        if not indices:
-            return []
-        gone = set(indices)
-        removed = [self.rows[i] for i in sorted(gone)]
-        keep = [i for i in range(len(self.rows)) if i not in gone]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return removed
-        assert self._cache is not None and self._mask is not None
-        index = torch.tensor(keep, device=self.lm.device)
-        self._cache.batch_select_indices(index)
-        self._mask.select_rows(index)
-        self._trim()
-        return removed
+        """Drop rows (cancelled) by their index in :attr:`rows`; their slots are free at once."""
+        gone = [self.rows[i] for i in sorted(set(indices))]
+        for seq in gone:
+            self._free(seq)
+        return gone
 
-    # -- bookkeeping -----------------------------------------------------------------------------------
-    def _accept(self, seq: SequenceState, logits: torch.Tensor) -> None:
-        """Sample one token for ``seq`` and decide whether it finishes.
+    def _free(self, seq: SequenceState) -> None:
+        if seq.slot is None:
+            return
+        self.state.free(seq.slot)
+        self._slots[seq.slot] = None
+        self.rows.remove(seq)
+        seq.slot = None
 
-        Before ``min_new_tokens`` tokens EOS is masked out of what is sampled (HF's
-        MinNewTokensLogitsProcessor); the reported log-probs stay the model's raw ones.
-        """
+    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def _accept(self, seq: SequenceState, values: list[float]) -> None:
+        """Take the token the device chose for ``seq`` (from the step's one read) and decide whether it
+        finishes. ``values``: token, its raw log-prob, then the top ids and top log-probs when asked."""
         params = seq.params
-        scores = logits
-        if len(seq.token_ids) < params.min_new_tokens and len(self._eos_index):
-            scores = logits.clone()
-            scores[self._eos_index] = float("-inf")
-        token = sample(scores, params, seq.generator)
+        token = int(values[0])
         if token in self._eos:
             seq.finish_reason = "stop"
             return
-        logp = torch.log_softmax(logits.float(), dim=-1)
         seq.token_ids.append(token)
-        seq.logprobs.append(float(logp[token]))
+        seq.logprobs.append(values[1])
         if seq.num_top_logprobs:
-            values, indices = logp.topk(seq.num_top_logprobs)
-            seq.top_logprobs.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
+            k = (len(values) - 2) // 2
+            ids, logps = values[2 : 2 + k], values[2 + k :]
+            seq.top_logprobs.append(
+                [(int(i), lp) for i, lp in zip(ids, logps, strict=True)][: seq.num_top_logprobs]
+            )
         if seq._detok is None:
             seq._detok = Detokenizer(self.lm.tokenizer)
         unchanged = len(seq._detok.committed)  # the text before this index cannot change
         seq.text = seq._detok.text(seq.token_ids)
         seq._text_ends.append(len(seq.text))
-        seq._pending = token
+        seq._position = len(seq.prompt_ids) + len(seq.token_ids) - 1
         if params.stop and self._cut_at_stop(seq, unchanged):
             seq.finish_reason = "stop"
-        elif (
-            len(seq.token_ids) >= params.max_new_tokens
-            or len(seq.prompt_ids) + len(seq.token_ids) >= self._max_len
-        ):
+        elif len(seq.token_ids) >= params.max_new_tokens or seq._position + 1 >= self.max_context:
             seq.finish_reason = "length"
 
     @staticmethod
@@ -450,28 +338,6 @@ class DecodeBatch:
         del seq.token_ids[keep:], seq.logprobs[keep:], seq.top_logprobs[keep:], seq._text_ends[keep:]
         seq.text = seq.text[:cut]
         return True
-
-    def _merge(self, seq: SequenceState, cache: GrowingCache) -> None:
-        ones = torch.ones(1, len(seq.prompt_ids), dtype=torch.long, device=self.lm.device)
-        new_mask = SeqBuffer.empty(ones, 1, ones.shape[1] + 1)
-        new_mask.append(ones)
-        if self._cache is None:
-            self._cache, self._mask = cache, new_mask
-            self.rows = [seq]
-            return
-        assert self._mask is not None
-        self._cache = GrowingCache.stack_left_padded([self._cache, cache])
-        self._mask = SeqBuffer.stack_left_padded([self._mask, new_mask])
-        self.rows.append(seq)
-
-    def _trim(self) -> None:
-        """Drop leading columns that are padding in every row."""
-        assert self._cache is not None and self._mask is not None
-        real = self._mask.view.any(dim=0).nonzero()
-        start = int(real[0]) if len(real) else 0
-        if start:
-            self._mask.drop_left(start)
-            self._cache.drop_left(start)
 
 
 def visible_text(seq: SequenceState) -> str:

@@ -52,17 +52,20 @@ def generate_batch(
     requests: list[tuple[list[int], SamplingParams]],
     adapter: str | None = None,
     top_logprobs: int = 0,
+    slots: int | None = None,
 ) -> list[Generation]:
     """Generate several continuations together in one :class:`~faithlens.batching.DecodeBatch` (the
     rhythm study's perturbation trials). A request decodes the same tokens alone or in a batch (the
-    decode path's batch invariance, tests/test_decode_path.py); ``seconds`` is the batch's wall time."""
+    decode path's batch invariance, tests/test_decode_path.py); ``seconds`` is the batch's wall time.
+    ``slots``: rows decoded at once (default :data:`~faithlens.batching.DEFAULT_SLOTS`; the rest queue)."""
     from faithlens.batching import BASE_ADAPTER, DecodeBatch, SequenceState  # batching imports this module
 
     started = time.perf_counter()
     seqs = [
         SequenceState(list(ids), params, adapter or BASE_ADAPTER, top_logprobs) for ids, params in requests
     ]
-    batch = DecodeBatch(lm)
+    lengths = [(len(seq.prompt_ids), seq.params.max_new_tokens) for seq in seqs]
+    batch = DecodeBatch.for_work(lm, lengths, **({} if slots is None else {"max_slots": slots}))
     for seq in seqs:
         batch.add(seq)
     while len(batch):

@@ -52,6 +52,18 @@ class CoreSettings(BaseSettings):
         description="The largest LoRA rank an adapter may declare; a larger one is refused before any "
         "memory is taken for it (400 adapter_rank_too_large).",
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Capture each decode step shape as a CUDA graph: auto (on CUDA, yes; on a CPU, no), "
+        "on (refused without CUDA) or off. A step whose rows mix LoRA adapters always runs eagerly.",
+    )
+    kv_memory_fraction: float = Field(
+        default=0.8,
+        gt=0,
+        le=0.95,
+        description="On CUDA, the share of the GPU memory free after loading the model that the static KV "
+        "cache may take; the slots shrink to fit (docs/operations.md).",
+    )
     log_level: str = "INFO"
     log_json: bool = Field(default=False, description="Emit one JSON object per log line.")
     torch_threads: int | None = Field(

@@ -44,7 +44,8 @@ def checkpoint() -> None:
 
 
 def _hook(module: torch.nn.Module, args: object) -> None:
-    checkpoint()
+    if not torch.compiler.is_compiling():  # a compiled decode step is never sliced; keep it traceable
+        checkpoint()
 
 
 def install_checkpoints(model: torch.nn.Module) -> int:

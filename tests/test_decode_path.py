@@ -1,10 +1,9 @@
 """One decode path: ``generate``, a shared DecodeBatch, the developer CLI and ``training.eval`` give the
-same tokens for the same prompt, seed and sampling params; stop strings, min_new_tokens, the growing KV
-cache and incremental detokenisation."""
+same tokens for the same prompt, seed and sampling params; stop strings, min_new_tokens and incremental
+detokenisation. The static cache and the step itself: tests/test_static_decode.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -18,7 +17,6 @@ from faithlens.batching import (
     BASE_ADAPTER,
     DecodeBatch,
     Detokenizer,
-    GrowingCache,
     SequenceState,
     visible_text,
 )
@@ -67,7 +65,7 @@ def test_a_request_decodes_the_same_alone_and_in_a_shared_batch(tiny_lm, case, j
     ref = generate(tiny_lm, prompt, params)
     assert ref.token_ids and ref.text == decoded(tiny_lm, ref.token_ids)
 
-    batch = DecodeBatch(tiny_lm)
+    batch = DecodeBatch(tiny_lm, slots=8, max_context=512)
     short = SequenceState(tiny_lm.prompt_ids("hi"), SamplingParams(max_new_tokens=40))
     long = SequenceState(
         tiny_lm.prompt_ids("a much longer prompt " * 4, chat=True),
@@ -243,29 +241,6 @@ def test_min_new_tokens_masks_eos_but_logprobs_stay_raw(eos_loving_llama, case):
             eos_token_id=eos,
         )
         assert hf[0, len(prompt) :].tolist() == [*gen.token_ids, eos[0]]
-
-
-# -- growing KV cache ---------------------------------------------------------------------------------
-def test_cache_grows_in_place_with_capacity_doubling(tiny_llama):
-    prompt = tiny_llama.prompt_ids("grow")
-    batch = DecodeBatch(tiny_llama)
-    seq = SequenceState(prompt, SamplingParams(max_new_tokens=200, min_new_tokens=200))
-    batch.add(seq)
-    storages, capacities = set(), []
-    while len(batch):
-        cache = batch._cache
-        assert isinstance(cache, GrowingCache)
-        layer = cache.layers[0]
-        assert layer.get_seq_length() == len(prompt) + len(seq.token_ids) - 1
-        storage = layer._k.storage.untyped_storage()
-        assert layer.keys.untyped_storage().data_ptr() == storage.data_ptr()  # a view, not a copy
-        storages.add(layer._k.storage.data_ptr())
-        capacities.append(layer._k.capacity)
-        batch.step()
-    assert len(seq.token_ids) == 200
-    assert len(storages) <= 6  # reallocated only when full: log2 of the length, not once per token
-    grown = sorted(set(capacities))
-    assert all(after == 2 * before for before, after in itertools.pairwise(grown))
 
 
 # -- incremental detokenisation -------------------------------------------------------------------------

@@ -61,8 +61,8 @@ def answers(
 ) -> list[SequenceState]:
     """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise)."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
-    batch = DecodeBatch(lm)
     seqs = [SequenceState(lm.prompt_ids(p.question, chat=True), params, adapter=adapter) for p in problems]
+    batch = DecodeBatch.for_work(lm, [(len(seq.prompt_ids), params.max_new_tokens) for seq in seqs])
     for seq in seqs:
         batch.add(seq)
     while len(batch):

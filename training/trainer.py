@@ -115,6 +115,7 @@ class Trainer:
         self._cancel_polled = float("-inf")  # when should_cancel was last asked within a step
         self._credit_seconds = 0.0  # this step's time spent on γ: probing, metrics, flags
         self._prompt_cache: dict[int, list[int]] = {}
+        self._decoder: DecodeBatch | None = None  # kept across steps (its cache, and on CUDA its graphs)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self, checkpoint_dir: Path | None = None) -> dict:
@@ -210,7 +211,6 @@ class Trainer:
         """G completions per problem from the current policy, each with its own seeded RNG."""
         config = self.config
         self.lm.model.eval()
-        batch = DecodeBatch(self.lm)
         seqs: list[tuple[Problem, SequenceState]] = []
         for p_index, problem in enumerate(problems):
             prompt = self._prompt_ids(problem)
@@ -222,14 +222,24 @@ class Trainer:
                     top_p=config.top_p,
                     seed=seed,
                 )
-                seq = SequenceState(prompt, params, adapter=ADAPTER)
-                seqs.append((problem, seq))
-                self._check_cancel()
-                batch.add(seq)
+                seqs.append((problem, SequenceState(prompt, params, adapter=ADAPTER)))
+        batch = self._decode_batch([seq for _, seq in seqs])
+        for _, seq in seqs:
+            self._check_cancel()
+            batch.add(seq)
         while len(batch):
             self._check_cancel()
             batch.step()
         return [Rollout(problem, seq.prompt_ids, seq.token_ids, seq.text) for problem, seq in seqs]
+
+    def _decode_batch(self, seqs: list[SequenceState]) -> DecodeBatch:
+        """The trainer's decode batch, made again only when a step needs more slots or context."""
+        context = max(len(seq.prompt_ids) + seq.params.max_new_tokens for seq in seqs)
+        if self._decoder is None or not self._decoder.fits(len(seqs), context):
+            if self._decoder is not None:
+                context = max(context, self._decoder.max_context)
+            self._decoder = DecodeBatch(self.lm, slots=len(seqs), max_context=context)
+        return self._decoder
 
     def _rollouts(self, micro: int) -> list[Rollout]:
         config = self.config

@@ -151,7 +151,13 @@ class LocalEngine:
         self.model_name = lm.name
         self.max_model_len = int(getattr(unwrap(lm.model).config, "max_position_embeddings", 0) or 1 << 30)
         self._tokenizers = TokenizerPool(lm.tokenizer, self.config.tokenizer_threads)
-        self._batch = DecodeBatch(lm)
+        # The static KV cache, allocated once: a slot per batch row, each holding the longest request the
+        # limits admit (on CUDA the slots may shrink to what free memory holds: docs/operations.md).
+        self._batch = DecodeBatch(
+            lm,
+            slots=self.config.max_batch_size,
+            max_context=min(self.max_model_len, self.config.max_prompt_tokens + self.config.max_new_tokens),
+        )
         self._by_row: dict[int, _Request] = {}
         self._requests: dict[str, _Request] = {}
         self._waiting: deque[_Request] = deque()
@@ -374,7 +380,14 @@ class LocalEngine:
 
     # -- the engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
-        log.info("engine started", extra={"config": dataclasses.asdict(self.config)})
+        log.info(
+            "engine started",
+            extra={
+                "config": dataclasses.asdict(self.config),
+                "kv_cache": dataclasses.asdict(self._batch.plan),
+                "cuda_graphs": self._batch.captured,
+            },
+        )
         while True:
             with self._wake:
                 while not (
@@ -434,7 +447,7 @@ class LocalEngine:
                     )
 
     def _admit(self) -> None:
-        while len(self._batch) < self.config.max_batch_size:
+        while self._batch.has_free_slot():
             with self._wake:
                 if not self._waiting:
                     return
