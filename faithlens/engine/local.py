@@ -594,7 +594,7 @@ class LocalEngine:
         req.send(self._output(req, text=text, finish_reason=finish_reason, analysis=analysis, finished=True))
 
     def _fail_running(self, error: EngineError) -> None:
-        for row in self._batch.remove(list(range(len(self._batch)))):
+        for row in self._batch.remove(list(range(len(self._batch.rows)))):
             self._close(self._by_row.pop(id(row)), error)
         if self._active is not None:
             self._stop_active(error)
