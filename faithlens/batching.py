@@ -40,7 +40,7 @@ from faithlens.decode_step import (
     resolve_cuda_graphs,
 )
 from faithlens.generation import FinishReason, SamplingParams
-from faithlens.kvcache import KVPlan, KVShape, SlotKVCache, plan_kv
+from faithlens.kvcache import KVPlan, KVShape, SlotKVCache, check_supported, plan_kv
 from faithlens.model import LoadedModel, unwrap
 from faithlens.sampling import TOP_LOGPROBS_MAX, SamplerFlags, request_seed
 
@@ -158,6 +158,7 @@ class DecodeBatch:
 
         settings = get_core_settings()
         config = unwrap(lm.model).config
+        check_supported(config)
         model_max = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
         context = min(max_context, model_max)
         fraction = settings.kv_memory_fraction if kv_memory_fraction is None else kv_memory_fraction
@@ -208,6 +209,8 @@ class DecodeBatch:
     def add(self, seq: SequenceState) -> None:
         """Prefill ``seq`` into a free slot and sample its first token (it may finish right there), or
         queue it until a slot frees."""
+        if not seq.prompt_ids:
+            raise ValueError("the prompt is empty")
         if len(seq.prompt_ids) >= self.max_context:
             raise ValueError(
                 f"the prompt has {len(seq.prompt_ids)} tokens; this decode batch holds {self.max_context}"
@@ -271,8 +274,8 @@ class DecodeBatch:
         from faithlens import lora  # lora imports the engine's errors, whose package imports this module
 
         (adapter,) = live
-        with lora.active(self.lm, None if adapter == BASE_ADAPTER else adapter):
-            return self._graphs.run(shape, adapter)
+        internal = None if adapter == BASE_ADAPTER else adapter
+        return self._graphs.run(shape, adapter, lambda: lora.active(self.lm, internal))
 
     # -- leaving ------------------------------------------------------------------------------------------------
     def remove(self, indices: Sequence[int]) -> list[SequenceState]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -183,45 +185,56 @@ class DecodeStep:
 
 
 class CudaGraphs:
-    """One CUDA graph per (shape, model, adapter), captured on first use and replayed after (vLLM's
-    per-batch-size graphs; here per key bucket too). All graphs share one memory pool.
+    """One CUDA graph per (shape, adapter), captured on first use and replayed after (vLLM's per-batch-size
+    graphs; here per key bucket too). All graphs share one memory pool.
 
     Capture records without running, so the state is untouched; the warm-up run before it (cuBLAS and
     allocator initialisation) does run, so the state it advances is saved and put back. Its cache writes
     need no undoing: the real step writes the same keys and values to the same columns.
 
-    A peft model whose rows mix adapters cannot be captured (peft splits the batch by adapter in Python);
-    the caller runs such steps eagerly. A batch on one adapter is captured with that adapter active.
+    A graph holds the kernels of the adapter that was active when it was captured, so the adapter is
+    switched on only around the capture (``active``), and every graph is dropped when an adapter is
+    attached or detached (``LoadedModel.revision``): a replay must never read freed LoRA weights. A peft
+    model whose rows mix adapters cannot be captured (peft splits the batch by adapter in Python); the
+    caller runs such steps eagerly.
     """
 
     def __init__(self, step: DecodeStep) -> None:
         self.step = step
-        self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(step.lm.device):
+            self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[StepShape, str | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._model_id = id(step.lm.model)
+        self._revision = step.lm.revision
 
-    def run(self, shape: StepShape, adapter: str | None) -> torch.Tensor:
-        if id(self.step.lm.model) != self._model_id:  # peft wrapped or unwrapped the model: start over
+    def run(
+        self,
+        shape: StepShape,
+        adapter: str | None = None,
+        active: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> torch.Tensor:
+        if self.step.lm.revision != self._revision:
             self.graphs.clear()
-            self._model_id = id(self.step.lm.model)
+            self._revision = self.step.lm.revision
         key = (shape, adapter)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(shape)
+            with active():
+                self.graphs[key] = self._capture(shape)
             log.info("captured a decode step", extra={"rows": shape.rows, "key_len": shape.key_len})
         graph, out = self.graphs[key]
         graph.replay()
         return out
 
     def _capture(self, shape: StepShape) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        saved = [t.clone() for t in self.step.state.tensors()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.step(shape)
-        torch.cuda.current_stream().wait_stream(stream)
-        for tensor, value in zip(self.step.state.tensors(), saved, strict=True):
-            tensor.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.step(shape)
+        with torch.cuda.device(self.step.lm.device):
+            saved = [t.clone() for t in self.step.state.tensors()]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.step(shape)
+            torch.cuda.current_stream().wait_stream(stream)
+            for tensor, value in zip(self.step.state.tensors(), saved, strict=True):
+                tensor.copy_(value)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.step(shape)
         return graph, out

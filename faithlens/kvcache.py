@@ -50,6 +50,18 @@ class KVShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * itemsize
 
 
+def check_supported(config) -> None:
+    """The static cache keeps every position and the step's mask is plain causal: a model whose layers
+    attend within a sliding window would silently attend past it. Refuse it up front."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and (layer_types is None or "sliding_attention" in layer_types):
+        raise ValueError(
+            f"{type(config).__name__} uses sliding-window attention ({window} tokens), which the decode "
+            "path's static cache does not implement"
+        )
+
+
 @dataclass(frozen=True)
 class KVPlan:
     """How many slots of how many columns the cache holds, and why."""

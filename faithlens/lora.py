@@ -46,17 +46,20 @@ def attach(lm: LoadedModel, path: Path, internal_name: str, max_rank: int | None
         if loaded.unexpected_keys:  # the checks make this unreachable; never leave such an adapter on
             raise AdapterInvalidKeys(f"peft did not place {loaded.unexpected_keys[0][:120]!r}")
     except Exception as exc:
+        lm.revision += 1
         with contextlib.suppress(Exception):
             detach(lm, internal_name)
         if isinstance(exc, AdapterRefused):
             raise
         raise AdapterRefused(f"the adapter does not fit this model: {str(exc)[:300]}") from exc
+    lm.revision += 1
     lm.model.eval()
 
 
 def detach(lm: LoadedModel, internal_name: str) -> None:
     if not has_adapters(lm) or internal_name not in lm.model.peft_config:
         return
+    lm.revision += 1
     if len(lm.model.peft_config) == 1:  # peft cannot run with zero adapters: take its layers out
         lm.model = lm.model.unload()
     else:

@@ -91,6 +91,7 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    revision: int = 0  # bumped by every adapter attach/detach: captured decode steps of older ones are stale
 
     @property
     def num_layers(self) -> int:

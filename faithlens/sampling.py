@@ -107,8 +107,14 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tens
     key = _mix32(_mix32(_mix32(lo) ^ hi) ^ (counter & _M32))
     second = _mix32(key ^ 0x5BD1E995)
     columns = (torch.arange(vocab, device=seed.device, dtype=torch.long) * _GOLDEN) & _M32
-    bits = _mix32(_mix32(key[:, None] ^ columns[None, :]) ^ second[:, None])
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(_mix32(_mix32(key[:, None] ^ columns[None, :]) ^ second[:, None]))
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32 hash bits as a float32 strictly inside (0, 1). 23 bits, so the largest value, 1 - 2**-24, is
+    exact in float32: with 24, 2**24 - 0.5 rounds to 2**24 and u = 1 gives infinite Gumbel noise (a
+    random token, or NaN on a masked one)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def nucleus(z: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

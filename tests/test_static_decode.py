@@ -17,7 +17,7 @@ from faithlens.batching import DecodeBatch, SequenceState
 from faithlens.decode_step import Buckets, StepShape, host_read, resolve_cuda_graphs
 from faithlens.generation import generate, generate_batch
 from faithlens.params import SamplingParams
-from faithlens.sampling import TOP_LOGPROBS_MAX, RowSampling, SamplerFlags, sample, uniform
+from faithlens.sampling import TOP_LOGPROBS_MAX, RowSampling, SamplerFlags, sample, uniform, unit_interval
 
 aten = torch.ops.aten
 SCALAR_READS = {
@@ -193,6 +193,18 @@ def test_the_step_compiles_with_no_graph_break_on_smollm(smollm):
     check_compiles(smollm, [(1, 128), (2, 256)])
 
 
+def test_sliding_window_models_and_empty_prompts_are_refused(tiny_llama):
+    from transformers import Qwen2Config
+
+    from faithlens.kvcache import check_supported
+
+    check_supported(Qwen2Config())  # no window unless asked for
+    with pytest.raises(ValueError, match="sliding-window"):
+        check_supported(Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0))
+    with pytest.raises(ValueError, match="empty"):
+        DecodeBatch(tiny_llama, slots=1, max_context=16).add(SequenceState([], SamplingParams()))
+
+
 def test_cuda_graphs_setting():
     assert not resolve_cuda_graphs("auto", torch.device("cpu"))
     assert not resolve_cuda_graphs("off", torch.device("cpu"))
@@ -309,6 +321,12 @@ def test_noise_is_uniform_and_independent_of_the_batch():
     assert not torch.equal(u[0], u[1])
     lag = torch.corrcoef(torch.stack([u[0, :-1], u[0, 1:]]))[0, 1]
     assert abs(float(lag)) < 0.02
+
+
+def test_noise_never_reaches_zero_or_one():
+    extremes = unit_interval(torch.tensor([0, 0xFFFFFFFF, 0xFFFFFF00]))
+    assert float(extremes.min()) > 0 and float(extremes.max()) < 1
+    assert torch.isfinite(-torch.log(-torch.log(extremes))).all()
 
 
 def test_min_new_tokens_masks_eos_on_the_device():
