@@ -168,7 +168,7 @@ class DecodeBatch:
         self.cache = SlotKVCache(KVShape.of(config, lm.dtype), self.plan.slots, context, lm.device)
         self.state = SlotState.allocate(self.plan.slots, lm.device)
         self.captured = resolve_cuda_graphs(cuda_graphs or settings.cuda_graphs, lm.device)
-        block = key_block or (256 if self.captured else 64)
+        block = key_block or (256 if self.captured else 16)  # eager: shapes may vary, keep the waste small
         self.buckets = Buckets(self.plan.slots, context, block, power_of_two_rows=self.captured)
         self._step = DecodeStep(lm, self.cache, self.state)
         self._graphs = CudaGraphs(self._step) if self.captured else None

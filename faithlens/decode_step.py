@@ -12,7 +12,7 @@ happen after that copy (:mod:`faithlens.batching`).
 
 Shapes come from :class:`Buckets`: when steps are captured, rows round up to a power of two (1, 2, 4, …,
 slots) and keys to a multiple of ``key_block``, so a handful of graphs cover every batch; run eagerly,
-rows are exact and keys round to a small block.
+rows are exact and keys round to a multiple of 16.
 """
 
 from __future__ import annotations
