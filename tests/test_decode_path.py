@@ -104,7 +104,7 @@ def test_seeds_and_samplers_matter(tiny_llama):
 
 
 def test_greedy_matches_hf_generate(tiny_lm):
-    """The batch's forward passes (growing cache, in-place mask) compute what HF's own loop does."""
+    """The batch's forward passes (static slotted cache, 4D mask from positions) compute what HF's own loop does."""
     prompt = tiny_lm.prompt_ids("Compare with transformers.", chat=True)
     ours = generate(tiny_lm, prompt, SamplingParams(max_new_tokens=32, min_new_tokens=32))
     ids = torch.tensor([prompt], device=tiny_lm.device)
