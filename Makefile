@@ -61,6 +61,7 @@ bench-smoke: setup-dev
 	$(PY) bench/grpo.py --smoke
 	$(PY) bench/decode.py --smoke
 	$(PY) bench/audit.py --smoke
+	$(PY) bench/atmanrl_steps.py --smoke
 	$(PY) bench/gpu.py $(or $(TMPDIR),/tmp)/faithlens-bench-gpu --device cpu --shapes tiny --smoke
 
 # What the GPU machine needs and lacks (docs/gpu.md): this venv's versions of the packages its image misses

@@ -294,13 +294,22 @@ class MaskSaliency:
     mask: torch.Tensor
 
 
+MASK_LR_BUDGET = 0.2  # spec §8: lr = 0.2 / steps (1e-3 at the default 200 steps)
+
+
+def mask_lr(steps: int) -> float:
+    """The mask's learning rate for a fit of ``steps`` steps (spec §8's step budget). Adam moves each mask
+    value about one lr per step, so with a fixed lr a short fit never leaves its initialisation."""
+    return MASK_LR_BUDGET / steps
+
+
 def atman_rl_saliency(
     lm: LoadedModel,
     input_ids: list[int],
     cot: list[int],
     answer: list[int],
     steps: int = 200,
-    lr: float = 1e-3,
+    lr: float | None = None,
     betas: tuple[float, float] = (0.6, 0.9999),
     weight_decay: float = 0.05,
     init: float = -0.4,
@@ -310,7 +319,7 @@ def atman_rl_saliency(
     """Learn one additive mask value m_v ≤ 0 per CoT key that minimises the answer's teacher-forced NLL.
 
     s_v = 1 − m_v / init: how far token v had to be re-enabled to restore the answer, clamped to [0, 1].
-    Only the mask trains; the model's weights stay frozen. The prompt before the first CoT token is
+    ``lr`` defaults to the step budget :func:`mask_lr` (0.2 / steps). Only the mask trains; the model's weights stay frozen. The prompt before the first CoT token is
     never masked, so its KV cache is computed once and reused by every step.
     """
     if not cot or not answer:
@@ -327,7 +336,9 @@ def atman_rl_saliency(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mask = torch.full((len(cot),), init, device=lm.device, requires_grad=True)
-    optimiser = torch.optim.AdamW([mask], lr=lr, betas=betas, weight_decay=weight_decay)
+    optimiser = torch.optim.AdamW(
+        [mask], lr=mask_lr(steps) if lr is None else lr, betas=betas, weight_decay=weight_decay
+    )
 
     def nll() -> torch.Tensor:
         bias = torch.zeros(1, ids.shape[1], device=lm.device, dtype=lm.dtype)

@@ -104,7 +104,12 @@ class SaliencyParams(Params):
     target: SaliencyTarget = Field(
         default="answer", description="The answer span, the whole response, or explicit positions."
     )
-    rl_steps: int = Field(default=200, ge=1, le=2000, description="atman_rl mask optimisation steps.")
+    rl_steps: int = Field(
+        default=200,
+        ge=1,
+        le=2000,
+        description="atman_rl mask optimisation steps; the mask's lr is 0.2 / steps (spec §8).",
+    )
     seed: int = Field(
         default=0, ge=0, le=2**63 - 1, description="Seed of random choices (mask init, random-k)."
     )

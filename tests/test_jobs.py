@@ -155,6 +155,27 @@ def test_job_runs_publishes_and_is_served(stack):
         assert job["id"] in [j["id"] for j in listed]
 
 
+def test_an_atmanrl_job_logs_r_faith_and_its_group_spread_per_step(stack):
+    """AtManRL's reward only trains if it differs within a GRPO group: each step reports its mean and the
+    spread the advantages see (issue 34)."""
+    server, _, _, _ = stack
+    with server.client() as c:
+        job = create(
+            server,
+            c,
+            method={"type": "atmanrl", **TINY_JOB, "max_steps": 2, "mask_steps": 3},
+            adapter_name="tiny-atmanrl",
+        )
+        done = wait(c, job["id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded", done
+        events = c.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+        metrics = [e["data"] for e in events if e["type"] == "metrics"]
+        assert [m["step"] for m in metrics] == [1, 2]
+        for m in metrics:
+            assert 0.0 <= m["r_faith_mean"] <= 1.0
+            assert 0.0 <= m["r_faith_group_spread"] <= 1.0
+
+
 def test_follow_events_streams_until_done(stack):
     server, _, _, _ = stack
     with server.client(timeout=300) as c:

@@ -247,7 +247,18 @@ def test_atmanrl_faithfulness_term(tmp_path):
     without = Rollout(PROBLEMS[0], prompt, lm.completion_ids("no idea"), "no idea")
     assert trainer._r_faith(without) == 0.0
     metrics = trainer.train_step()
-    assert "r_faith_mean" in metrics
+    assert "r_faith_mean" in metrics and metrics["r_faith_group_spread"] >= 0.0
+
+
+def test_r_faith_metrics_report_the_spread_within_groups():
+    from training.trainer import Rollout, r_faith_metrics
+
+    rollouts = [Rollout(PROBLEMS[0], [], [], "") for _ in range(6)]
+    for r, value in zip(rollouts, [0.1, 0.4, 0.2, 0.5, 0.5, 0.5], strict=True):
+        r.r_faith = value
+    metrics = r_faith_metrics(rollouts, group_size=3)
+    assert metrics["r_faith_mean"] == pytest.approx(2.2 / 6)
+    assert metrics["r_faith_group_spread"] == pytest.approx((0.3 + 0.0) / 2)
 
 
 def test_eval_cli_reports_base_and_adapter(tmp_path, monkeypatch, capsys):
@@ -464,3 +475,24 @@ def test_a_checkpoint_cut_off_mid_write_never_appears_complete(tmp_path, monkeyp
     trainer.save_checkpoint(folder / "step-000004", {"loss": 0.5})  # the next attempt writes it whole
     assert sorted(p.name for p in folder.iterdir()) == ["step-000002", "step-000004"]
     Trainer(peaky_tiny(), trainer.config, PROBLEMS).load_checkpoint(folder / "step-000004")
+
+
+@pytest.mark.smollm
+def test_the_mask_step_budget_leaves_the_initialisation_on_smollm(smollm):
+    """Spec §8's step budget (lr = 0.2 / steps): at the jobs' default mask_steps the mask moves (some
+    saliency ≥ 0.3); at the old fixed lr 1e-3 the same check fails (it stays near its initialisation)."""
+    import json
+    import re
+
+    from faithlens.data import gsm8k_path
+    from training.trainer import fit_faith_mask
+
+    row = json.loads(gsm8k_path("dev").read_text().splitlines()[0])
+    completion = re.sub(r"<<[^>]*>>", "", row["answer"])  # the reference solution, calculator notes dropped
+    prompt, ids = smollm.prompt_ids(row["question"], chat=True), smollm.completion_ids(completion)
+    steps = TrainConfig().mask_steps
+    budget = fit_faith_mask(smollm, prompt, ids, completion, steps)
+    fixed = fit_faith_mask(smollm, prompt, ids, completion, steps, lr=1e-3)
+    assert budget is not None and fixed is not None
+    assert float(budget.scores.max()) >= 0.3, budget.scores
+    assert float(fixed.scores.max()) < 0.3, fixed.scores

@@ -120,7 +120,12 @@ class TrainHyperparameters(BaseModel):
     )
     # AtManRL (spec §8)
     faith_lambda: float = _finite(default=1.0, ge=0, le=100, description="λ of R_outcome + λ·R_faith.")
-    mask_steps: int = Field(default=20, ge=1, le=1000, description="Optimiser steps of the AtManRL mask.")
+    mask_steps: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="Optimiser steps of the AtManRL mask; its lr is 0.2 / steps (spec §8).",
+    )
     # LoRA
     lora_r: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, le=4096, description="LoRA alpha.")

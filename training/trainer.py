@@ -35,7 +35,7 @@ import torch
 from faithlens.adapter_check import write_base_identity
 from faithlens.analysis import metrics_from_probe, new_probe
 from faithlens.answer import char_span_to_tokens, find_answer_span
-from faithlens.atman import atman_rl_saliency
+from faithlens.atman import MaskSaliency, atman_rl_saliency
 from faithlens.attention import BatchProbe
 from faithlens.batching import DecodeBatch, SequenceState
 from faithlens.data import Problem
@@ -190,8 +190,7 @@ class Trainer:
             "credit_seconds": self._credit_seconds,
         }
         if config.method == "atmanrl":
-            faith = [r.r_faith for r in rollouts if r.r_faith is not None]
-            metrics["r_faith_mean"] = sum(faith) / len(faith) if faith else 0.0
+            metrics.update(r_faith_metrics(rollouts, config.num_generations))
         return metrics
 
     # -- rollouts --------------------------------------------------------------------------------------------
@@ -304,20 +303,10 @@ class Trainer:
 
     def _r_faith(self, r: Rollout) -> float:
         """R_faith = mean_v s_v over the CoT (spec §8); 0 when there is no answer span or no CoT."""
-        span = find_answer_span(r.text)
-        if span is None or not r.completion_ids:
-            return 0.0
-        tokens = char_span_to_tokens(self.lm.token_texts(r.completion_ids), span)
-        if tokens is None or tokens[0] == 0:
-            return 0.0
-        offset = len(r.prompt_ids)
-        cot = list(range(offset, offset + tokens[0]))
-        answer = list(range(offset + tokens[0], offset + tokens[1]))
-        ids = r.prompt_ids + r.completion_ids
-        result = atman_rl_saliency(
-            self.lm, ids, cot, answer, steps=self.config.mask_steps, seed=self.config.seed
+        fit = fit_faith_mask(
+            self.lm, r.prompt_ids, r.completion_ids, r.text, self.config.mask_steps, self.config.seed
         )
-        return float(result.r_faith)
+        return 0.0 if fit is None else float(fit.r_faith)
 
     # -- the objective -----------------------------------------------------------------------------------------
     def _padded(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,3 +447,40 @@ def _flatten_adapter_dir(path: Path) -> None:
         for item in nested.iterdir():
             item.replace(path / item.name)
         nested.rmdir()
+
+
+def r_faith_metrics(rollouts: list[Rollout], group_size: int) -> dict[str, float]:
+    """R_faith's mean over the step's completions, and its spread within a GRPO group (the mean over
+    groups of max − min): the part of the reward the advantage can see. A spread far below an outcome flip
+    (1) means AtManRL trains on its outcome reward alone (issue 34's measurement)."""
+    faith = [r.r_faith if r.r_faith is not None else 0.0 for r in rollouts]
+    groups = [faith[i : i + group_size] for i in range(0, len(faith), group_size)]
+    spreads = [max(g) - min(g) for g in groups if g]
+    return {
+        "r_faith_mean": sum(faith) / len(faith) if faith else 0.0,
+        "r_faith_group_spread": sum(spreads) / len(spreads) if spreads else 0.0,
+    }
+
+
+def fit_faith_mask(
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    completion_ids: list[int],
+    text: str,
+    steps: int,
+    seed: int = 0,
+    lr: float | None = None,
+) -> MaskSaliency | None:
+    """AtManRL's mask on one completion (spec §8): the CoT is the completion before its answer span (§9),
+    the answer what the mask must restore. None when there is no answer span or no CoT before it. ``lr``
+    defaults to the step budget (0.2 / steps)."""
+    span = find_answer_span(text)
+    if span is None or not completion_ids:
+        return None
+    tokens = char_span_to_tokens(lm.token_texts(completion_ids), span)
+    if tokens is None or tokens[0] == 0:
+        return None
+    offset = len(prompt_ids)
+    cot = list(range(offset, offset + tokens[0]))
+    answer = list(range(offset + tokens[0], offset + tokens[1]))
+    return atman_rl_saliency(lm, prompt_ids + completion_ids, cot, answer, steps=steps, lr=lr, seed=seed)
