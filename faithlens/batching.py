@@ -36,6 +36,7 @@ from faithlens.decode_step import (
     CudaGraphsMode,
     DecodeStep,
     SlotState,
+    StepShape,
     host_read,
     resolve_cuda_graphs,
 )
@@ -263,7 +264,7 @@ class DecodeBatch:
                 finished.append(seq)
         return finished
 
-    def _run(self, shape) -> torch.Tensor:
+    def _run(self, shape: StepShape) -> torch.Tensor:
         """The step, captured when it can be: on CUDA with graphs on, and unless rows mix adapters."""
         if not _has_adapters(self.lm):
             return self._graphs.run(shape, None) if self._graphs else self._step(shape)
