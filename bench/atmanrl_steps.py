@@ -112,6 +112,7 @@ def main() -> None:
                 got[name].r_faith,
             ]
         rows.append([*row, f"[{float(ref.min()):.2f}, {float(ref.max()):.2f}]", got["reference"].r_faith])
+        print("row (as in the table below):", rows[-1], flush=True)  # a long run shows its progress
     print_table(
         f"{len(rows)} completions: each mask fit against the {args.reference_steps}-step reference",
         [
