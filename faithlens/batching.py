@@ -163,10 +163,11 @@ class DecodeBatch:
         model_max = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
         context = min(max_context, model_max)
         fraction = settings.kv_memory_fraction if kv_memory_fraction is None else kv_memory_fraction
-        self.plan: KVPlan = plan_kv(KVShape.of(config, lm.dtype), slots, context, lm.device, fraction)
+        shape = KVShape.of(config, lm.dtype)
+        self.plan: KVPlan = plan_kv(shape, slots, context, lm.device, fraction)
         self.lm = lm
         self._eos = lm.eos_token_ids
-        self.cache = SlotKVCache(KVShape.of(config, lm.dtype), self.plan.slots, context, lm.device)
+        self.cache = SlotKVCache(shape, self.plan.slots, context, lm.device)
         self.state = SlotState.allocate(self.plan.slots, lm.device)
         self.captured = resolve_cuda_graphs(cuda_graphs or settings.cuda_graphs, lm.device)
         block = key_block or (256 if self.captured else 16)  # eager: shapes may vary, keep the waste small
@@ -268,10 +269,10 @@ class DecodeBatch:
         """The step, captured when it can be: on CUDA with graphs on, and unless rows mix adapters."""
         if not _has_adapters(self.lm):
             return self._graphs.run(shape, None) if self._graphs else self._step(shape)
-        names = [seq.adapter if seq is not None else BASE_ADAPTER for seq in self._slots[: shape.rows]]
         live = {seq.adapter for seq in self.rows}
-        if self._graphs is None or len(live) > 1:
-            return self._step(shape, names)  # a mixed batch: peft splits it by adapter, eagerly
+        if self._graphs is None or len(live) > 1:  # a mixed batch: peft splits it by adapter, eagerly
+            names = [seq.adapter if seq is not None else BASE_ADAPTER for seq in self._slots[: shape.rows]]
+            return self._step(shape, names)
         from faithlens import lora  # lora imports the engine's errors, whose package imports this module
 
         (adapter,) = live
