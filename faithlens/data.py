@@ -1,4 +1,8 @@
-"""GSM8K from the shared data folder (never copied into the repo)."""
+"""The data sets jobs, audits and evaluations name: GSM8K's splits, read from the shared data folder (never
+copied into the repo), and the synthetic arithmetic tasks' splits (faithlens/arith.py), generated.
+
+A data set's name is ``gsm8k-train`` or ``gsm8k-dev``, or ``<task>/train`` or ``<task>/heldout`` for a
+task such as ``arith-add:1-50`` (``arith-add:1-50/heldout``)."""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from faithlens.arith import SPLITS as TASK_SPLITS
+from faithlens.arith import parse_task, task_splits
 from faithlens.settings import get_core_settings
 
 SPLITS = ("train", "dev")
-# The data sets jobs and audits name, each a GSM8K split read from FAITHLENS_DATA_DIR.
+# The GSM8K data sets by name, each a split read from FAITHLENS_DATA_DIR.
 DATASETS = {"gsm8k-dev": "dev", "gsm8k-train": "train"}
+DATASET_NAME_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,34 @@ def gsm8k_path(split: str, data_dir: Path | None = None) -> Path:
     return path
 
 
+class UnknownDataset(ValueError):
+    """A name that is neither a GSM8K split nor a task's split; the message lists what is known."""
+
+
+def check_dataset(name: str) -> str:
+    """``name`` if it names a data set; :class:`UnknownDataset` saying why not otherwise."""
+    if name in DATASETS:
+        return name
+    task, slash, split = name.rpartition("/")
+    if len(name) > DATASET_NAME_MAX or not slash or split not in TASK_SPLITS:
+        raise UnknownDataset(
+            f"no data set {name[:100]!r}; known: {', '.join(DATASETS)}, or <task>/train and "
+            "<task>/heldout for a task such as arith-add:1-50 (GET /v1/capabilities lists the families)"
+        )
+    try:
+        parse_task(task)
+    except ValueError as exc:
+        raise UnknownDataset(str(exc)) from None
+    return name
+
+
 def dataset_unavailable(name: str, data_dir: Path | None = None) -> str | None:
-    """None when the data set ``name`` (a key of DATASETS) can be read here; otherwise why not: where its
-    file was looked for and which variable to set. Checked where a job or an audit is created, so that a
-    missing file is refused up front rather than failing on a worker later."""
+    """None when the data set ``name`` can be read here; otherwise why not: where its file was looked for
+    and which variable to set. Checked where a job or an audit is created, so that a missing file is
+    refused up front rather than failing on a worker later. A task's splits are always available."""
+    if name not in DATASETS:
+        check_dataset(name)
+        return None
     split = DATASETS[name]
     path = gsm8k_location(split, data_dir)
     if path.is_file():
@@ -45,6 +76,16 @@ def dataset_unavailable(name: str, data_dir: Path | None = None) -> str | None:
         f"data set {name} is not available on this server: no file at {path}. Set FAITHLENS_DATA_DIR "
         f"(for the server and the workers) to the folder that holds gsm8k/{split}.jsonl"
     )
+
+
+def load_dataset(name: str, limit: int | None = None, data_dir: Path | None = None) -> list[Problem]:
+    """The problems of the data set ``name``, its first ``limit`` of them."""
+    if name in DATASETS:
+        return load_gsm8k(DATASETS[name], limit=limit, data_dir=data_dir)
+    check_dataset(name)
+    task, _, split = name.rpartition("/")
+    rows = task_splits(task)[split][:limit]
+    return [Problem(p.question, p.answer) for p in rows]
 
 
 def datasets_available(data_dir: Path | None = None) -> dict[str, bool]:

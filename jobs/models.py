@@ -55,7 +55,13 @@ class Job(BaseModel):
     model: str
     method: dict[str, Any] = Field(description="{type: grpo | atmanrl}, as submitted")
     hyperparameters: dict[str, Any] = Field(description="The full training configuration used")
-    training_data: str = Field(description="`gsm8k-train`, or `upload` for rows sent with the job")
+    training_data: str = Field(
+        description="A data set's name (`gsm8k-train`, `arith-add:1-50/train`), or `upload` for rows sent "
+        "with the job"
+    )
+    validation_data: str | None = Field(
+        default=None, description="The data set evaluated on every `eval_steps` steps, if any"
+    )
     adapter_name: str
     result_adapter: str | None = Field(default=None, description="<adapter_name>/<version> when done")
     result_version: int | None = None

@@ -167,11 +167,22 @@ class CreditStrategyInfo(BaseModel):
     description: str
 
 
+class DatasetInfo(BaseModel):
+    """A data set jobs (`training_data`, `validation_data`) and audits (`input`) name: a fixed one, or a
+    family of synthetic tasks whose names carry the difficulty."""
+
+    name: str = Field(description="`gsm8k-dev`; for a task family, the pattern of its names.")
+    description: str
+    example: str = Field(description="A name that works, such as `arith-add:1-15/train`.")
+    splits: list[str] = Field(description="The splits a task family's names end in; [] for a fixed set.")
+
+
 class Capabilities(BaseModel):
     """What this server can compute: read from the registries, so plugins appear here too."""
 
     object: Literal["capabilities"] = "capabilities"
     saliency_methods: list[SaliencyMethodInfo]
     credit_strategies: list[CreditStrategyInfo]
+    datasets: list[DatasetInfo]
     granularities: list[str]
     metrics: list[str]

@@ -142,6 +142,20 @@ class TrainHyperparameters(BaseModel):
         description="The trainer that runs the job: `native` (training/trainer.py) or `trl` (TRL's "
         "GRPOTrainer with the same credit, training/trl.py; needs the `trl` extra; method `grpo` only).",
     )
+    # held-out evaluation (the job's validation_data)
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Evaluate greedy accuracy on the job's `validation_data` every this many steps and at "
+        "the last step (TRL's `eval_steps`); null: never.",
+    )
+    eval_on_start: bool = Field(
+        default=False, description="Also evaluate before the first step (TRL's `eval_on_start`)."
+    )
+    eval_limit: int | None = Field(
+        default=None, ge=1, le=10_000, description="Evaluate on the first this many problems; null: all."
+    )
     # bookkeeping
     checkpoint_every: int = Field(default=5, ge=1, le=100_000, description="Steps between checkpoints.")
     chat: bool = Field(default=True, description="Wrap questions in the chat template.")
@@ -150,6 +164,10 @@ class TrainHyperparameters(BaseModel):
     def _consistent(self) -> TrainHyperparameters:
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ValueError("reward_weights needs one weight per reward")
+        if self.eval_steps is None and self.eval_on_start:
+            raise ValueError("eval_on_start needs eval_steps")
+        if self.eval_steps is not None and self.backend != "native":
+            raise ValueError("held-out evaluation (eval_steps) runs on the native backend")
         rollouts = self.prompts_per_step * self.num_generations
         if rollouts > MAX_ROLLOUTS_PER_BATCH:
             raise ValueError(

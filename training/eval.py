@@ -1,5 +1,6 @@
-"""``python -m training.eval --adapter NAME --split dev``: GSM8K accuracy, mean reasoning length, and mean
-anchor and saliency statistics, for the base model and for the adapter, on the same problems.
+"""``python -m training.eval --adapter NAME --dataset gsm8k-dev``: accuracy on a data set (a GSM8K split or
+a synthetic task's), mean reasoning length, and mean anchor and saliency statistics, for the base model
+and for the adapter, on the same problems. ``held_out_accuracy`` is the evaluation jobs run.
 
 The adapter is a name in the adapter store (its latest version) or a directory. Answers are greedy and
 generated with continuous batching; each answer is then analysed (FAI/WAAD/flags, plus saliency with
@@ -12,14 +13,16 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from faithlens import lora
 from faithlens.analysis import analyze
 from faithlens.answer import gsm8k_correct
 from faithlens.batching import BASE_ADAPTER, DecodeBatch, SequenceState
-from faithlens.data import Problem, load_gsm8k
+from faithlens.data import Problem, UnknownDataset, load_dataset
 from faithlens.model import LoadedModel, load_model
 from faithlens.params import AnalysisParams, SaliencyParams, SamplingParams
 from faithlens.saliency import SALIENCY_METHODS
@@ -58,16 +61,35 @@ def answers(
     adapter: str,
     max_new_tokens: int,
     params: SamplingParams | None = None,
+    chat: bool = True,
 ) -> list[SequenceState]:
     """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise)."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
-    seqs = [SequenceState(lm.prompt_ids(p.question, chat=True), params, adapter=adapter) for p in problems]
+    seqs = [SequenceState(lm.prompt_ids(p.question, chat=chat), params, adapter=adapter) for p in problems]
     batch = DecodeBatch.for_work(lm, [(len(seq.prompt_ids), params.max_new_tokens) for seq in seqs])
     for seq in seqs:
         batch.add(seq)
     while len(batch):
         batch.step()
     return seqs
+
+
+def held_out_accuracy(
+    lm: LoadedModel, problems: list[Problem], adapter: str, max_new_tokens: int, chat: bool = True
+) -> dict[str, Any]:
+    """Greedy accuracy on ``problems`` (the §9 answer rule), as a job's evaluation reports it: the share
+    correct, and which were (``eval_correct``, one ``0``/``1`` per problem in order, so that studies can
+    pair runs problem by problem)."""
+    started = time.perf_counter()
+    seqs = answers(lm, problems, adapter, max_new_tokens, chat=chat)
+    correct = [gsm8k_correct(seq.text, p.answer) for seq, p in zip(seqs, problems, strict=True)]
+    return {
+        "eval_accuracy": sum(correct) / len(problems),
+        "eval_problems": len(problems),
+        "eval_correct": "".join("1" if c else "0" for c in correct),
+        "eval_completion_length": statistics.fmean(len(seq.token_ids) for seq in seqs),
+        "eval_seconds": time.perf_counter() - started,
+    }
 
 
 def _mean(values: list[float]) -> float | None:
@@ -124,13 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--adapter", help="adapter name in FAITHLENS_ADAPTER_STORE, or a directory")
-    parser.add_argument("--split", choices=["dev", "train"], default="dev")
+    parser.add_argument(
+        "--dataset",
+        default="gsm8k-dev",
+        help="a data set: gsm8k-dev, gsm8k-train, or a task's split such as arith-add:1-50/heldout",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--saliency", choices=[*SALIENCY_METHODS.names(), "none"], default="atman_grad")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    problems = load_gsm8k(args.split, limit=args.limit, data_dir=settings.data_dir)
+    try:
+        problems = load_dataset(args.dataset, limit=args.limit, data_dir=settings.data_dir)
+    except (UnknownDataset, FileNotFoundError) as exc:
+        parser.error(str(exc))
     lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
     saliency = None if args.saliency == "none" else args.saliency
     reports = [evaluate(lm, problems, lm.name, None, args.max_new_tokens, saliency)]

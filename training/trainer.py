@@ -44,6 +44,7 @@ from faithlens.params import AnalysisParams, SamplingParams
 from training import rewards as reward_lib
 from training.config import TrainConfig
 from training.credit import CREDIT_STRATEGIES, gamma, shape_advantages
+from training.eval import held_out_accuracy
 from training.loss import Normaliser, clipped_surrogate
 
 log = logging.getLogger("faithlens.training")
@@ -60,6 +61,7 @@ class Hooks:
     on_metrics: Callable[[int, dict], None] = lambda step, metrics: None
     should_cancel: Callable[[], bool] = lambda: False
     on_checkpoint: Callable[[int, Path, dict], None] = lambda step, path, metrics: None
+    on_eval: Callable[[int, dict], None] = lambda step, results: None
 
 
 @dataclass
@@ -96,11 +98,19 @@ def attach_lora(lm: LoadedModel, config: TrainConfig) -> None:
 
 class Trainer:
     def __init__(
-        self, lm: LoadedModel, config: TrainConfig, problems: list[Problem], hooks: Hooks | None = None
+        self,
+        lm: LoadedModel,
+        config: TrainConfig,
+        problems: list[Problem],
+        hooks: Hooks | None = None,
+        eval_problems: list[Problem] | None = None,
     ):
         if not problems:
             raise ValueError("no training problems")
+        if (config.eval_steps is None) != (not eval_problems):
+            raise ValueError("eval_steps and evaluation problems come together")
         self.lm, self.config, self.problems = lm, config, problems
+        self.eval_problems = eval_problems or []
         self.hooks = hooks or Hooks()
         attach_lora(lm, config)
         self.params = [p for p in lm.model.parameters() if p.requires_grad]
@@ -120,17 +130,30 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self, checkpoint_dir: Path | None = None) -> dict:
         metrics: dict = {}
+        if self.step == 0 and self.config.eval_on_start:
+            self.hooks.on_eval(0, self.evaluate())
         while self.step < self.config.max_steps:
             if self.hooks.should_cancel():
                 raise Cancelled()
             metrics = self.train_step()
             self.hooks.on_metrics(self.step, metrics)
             last = self.step == self.config.max_steps
+            every = self.config.eval_steps
+            if every is not None and (self.step % every == 0 or last):  # before the checkpoint: a
+                self.hooks.on_eval(self.step, self.evaluate())  # resumed run never skips one
             if checkpoint_dir is not None and (self.step % self.config.checkpoint_every == 0 and not last):
                 path = checkpoint_dir / f"step-{self.step:06d}"
                 self.save_checkpoint(path, metrics)
                 self.hooks.on_checkpoint(self.step, path, metrics)
         return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy of the current policy on the held-out problems (``eval_limit`` of them)."""
+        self.lm.model.eval()
+        problems = self.eval_problems[: self.config.eval_limit]
+        results = held_out_accuracy(self.lm, problems, ADAPTER, self.config.max_new_tokens, self.config.chat)
+        return {"step": self.step, **results}
 
     def _check_cancel(self) -> None:
         """Within a step: raise :class:`Cancelled` if the job was cancelled (asked at most every

@@ -148,10 +148,17 @@ class TrlTrainer:
     """A job's run on :class:`CreditGRPOTrainer`, driven like ``training.trainer.Trainer``."""
 
     def __init__(
-        self, lm: LoadedModel, config: TrainConfig, problems: list[Problem], hooks: Hooks | None = None
+        self,
+        lm: LoadedModel,
+        config: TrainConfig,
+        problems: list[Problem],
+        hooks: Hooks | None = None,
+        eval_problems: list[Problem] | None = None,
     ) -> None:
         if not problems:
             raise ValueError("no training problems")
+        if eval_problems:  # TrainConfig refuses eval_steps with this backend; this says so again
+            raise ValueError("held-out evaluation runs on the native backend")
         if config.method != "grpo":
             raise ValueError(f"the trl backend runs method grpo, not {config.method!r}")
         self.lm, self.config, self.hooks = lm, config, hooks or Hooks()

@@ -18,7 +18,7 @@ import redis
 import torch
 
 from faithlens.answer import reference_answer
-from faithlens.data import Problem, load_gsm8k
+from faithlens.data import Problem, UnknownDataset, load_dataset
 from faithlens.model import load_model
 from faithlens.settings import CoreSettings, get_core_settings
 from jobs.journal import Journal, UnsafePath, check_adapter_name, check_job_id, inside
@@ -57,9 +57,18 @@ class WorkerSettings:
         return cls(get_core_settings(), get_queue_settings())
 
 
+def named_dataset(name: str, settings: CoreSettings, param: str) -> list[Problem]:
+    """A data set the job names (read from Redis: checked again, never a path)."""
+    try:
+        return load_dataset(name, data_dir=settings.data_dir)
+    except (UnknownDataset, FileNotFoundError) as exc:
+        code = "unknown_dataset" if isinstance(exc, UnknownDataset) else "dataset_unavailable"
+        raise JobFailure(code, f"{param}: {exc}") from None
+
+
 def load_problems(job: Job, store: JobStore, settings: CoreSettings) -> list[Problem]:
-    if job.training_data == "gsm8k-train":
-        return load_gsm8k("train", data_dir=settings.data_dir)
+    if job.training_data != "upload":
+        return named_dataset(job.training_data, settings, "training_data")
     rows = store.rows(job.id)
     if not rows:
         raise JobFailure("invalid_training_data", "the uploaded training data is missing or empty")
@@ -188,6 +197,9 @@ def _train(
     if core.torch_threads is not None:
         torch.set_num_threads(core.torch_threads)
     problems = load_problems(job, store, core)
+    eval_problems = None
+    if job.validation_data is not None:
+        eval_problems = named_dataset(job.validation_data, core, "validation_data")
     lm = load_model(core.model, core.device, core.dtype, core.cache_dir)
     adapter_root = inside(core.adapters, check_adapter_name(job.adapter_name))
     checkpoint_dir = journal.checkpoint_dir(job)
@@ -203,10 +215,17 @@ def _train(
         )
         store.event(job.id, f"checkpoint at step {step}")
 
+    def on_eval(step: int, results: dict) -> None:
+        message = (
+            f"eval at step {step}: accuracy {results['eval_accuracy']:.3f} on {results['eval_problems']}"
+        )
+        store.event(job.id, message, type="metrics", data=results)
+
     def should_stop() -> bool:
         return heartbeat.lost or store.cancel_requested(job.id)
 
-    trainer = trainer_class(lm, config, problems, Hooks(on_metrics, should_stop, on_checkpoint))
+    hooks = Hooks(on_metrics, should_stop, on_checkpoint, on_eval)
+    trainer = trainer_class(lm, config, problems, hooks, eval_problems)
     checkpoints = journal.checkpoints(job)  # the disk is the truth: Redis may have lost its list
     if checkpoints:
         trainer.load_checkpoint(inside(core.adapters, checkpoints[-1].path))

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from faithlens import cost
-from faithlens.data import DATASETS, dataset_unavailable, load_gsm8k
+from faithlens.data import UnknownDataset, check_dataset, dataset_unavailable, load_dataset
 from faithlens.engine import EngineError, Prompt
 from faithlens.model import encode_completion, encode_prompt
 from faithlens.params import SamplingParams
@@ -77,7 +77,8 @@ class CreateAuditRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: Annotated[list[dict[str, Any]], Field(min_length=1)] | AuditUpload | str = Field(
         description='Inline rows (each an `AuditRow`), `{"jsonl": ...}` (an uploaded file, one `AuditRow` '
-        "per line), or a dataset name: `gsm8k-dev` or `gsm8k-train`."
+        "per line), or a data set's name: `gsm8k-dev`, `gsm8k-train`, or a synthetic task's split such as "
+        "`arith-add:1-50/heldout` (`GET /v1/capabilities` lists the tasks)."
     )
     limit: int | None = Field(default=None, ge=1, description="A dataset's first `limit` rows.")
     model: str | None = Field(default=None, description="The served base model (the default).")
@@ -184,13 +185,14 @@ def _rows(body: CreateAuditRequest, data_dir: Any, max_rows: int) -> tuple[str, 
     file this server does not have (``dataset_unavailable``: its message says where it was looked for)."""
     source = body.input
     if isinstance(source, str):
-        if source not in DATASETS:
-            known = ", ".join(DATASETS)
-            raise APIError(400, "unknown_dataset", f"no dataset {source[:100]!r}; known: {known}", "input")
+        try:
+            check_dataset(source)
+        except UnknownDataset as exc:
+            raise APIError(400, "unknown_dataset", str(exc), "input") from None
         if (missing := dataset_unavailable(source, data_dir)) is not None:
             raise APIError(400, "dataset_unavailable", missing, "input")
         try:
-            problems = load_gsm8k(DATASETS[source], limit=body.limit, data_dir=data_dir)
+            problems = load_dataset(source, limit=body.limit, data_dir=data_dir)
         except (OSError, ValueError) as exc:  # there, but unreadable or not GSM8K rows
             raise APIError(
                 400,

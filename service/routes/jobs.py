@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from faithlens.data import dataset_unavailable
+from faithlens.data import DATASET_NAME_MAX, UnknownDataset, check_dataset, dataset_unavailable
 from faithlens.params import NonEmpty
 from faithlens.settings import get_core_settings
 from jobs.models import (
@@ -72,6 +72,9 @@ class UploadedData(BaseModel):
         return rows
 
 
+DatasetName = Annotated[str, Field(min_length=1, max_length=DATASET_NAME_MAX)]
+
+
 class JobMethod(TrainHyperparameters):
     """``{"type": "grpo" | "atmanrl", ...hyperparameters}``: the hyperparameters, their types, defaults and
     bounds are ``training.config.TrainHyperparameters``' (the trainer's own configuration); an unknown
@@ -84,7 +87,15 @@ class CreateJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     method: JobMethod
-    training_data: Literal["gsm8k-train"] | UploadedData | Annotated[list[TrainingRow], Field(min_length=1)]
+    training_data: DatasetName | UploadedData | Annotated[list[TrainingRow], Field(min_length=1)] = Field(
+        description="A data set's name (`gsm8k-train`, or a task's split such as `arith-add:1-50/train`), "
+        "an uploaded JSONL file, or the rows themselves."
+    )
+    validation_data: DatasetName | None = Field(
+        default=None,
+        description="A data set the job evaluates on (greedy accuracy, spec §9) every `eval_steps` steps, "
+        "such as `arith-add:1-50/heldout` (OpenAI's `validation_file`).",
+    )
     adapter_name: AdapterName
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] = Field(
@@ -161,6 +172,17 @@ def _config(body: CreateJobRequest, max_new_tokens: int, max_lora_rank: int) -> 
         raise APIError(400, "invalid_request", error["msg"], param) from exc
 
 
+async def _check_dataset(name: str, param: str) -> None:
+    """A data set this server's workers can read: it must exist, and its file must be here."""
+    try:
+        check_dataset(name)
+    except UnknownDataset as exc:
+        raise APIError(400, "unknown_dataset", str(exc), param) from None
+    missing = await asyncio.to_thread(dataset_unavailable, name, get_core_settings().data_dir)
+    if missing is not None:
+        raise APIError(400, "dataset_unavailable", missing, param)
+
+
 def _claim_adapter_name(state: ServerState, store: JobStore, name: str, caller: Principal) -> None:
     """An ``infer`` key may train only into a new adapter name or one its own jobs claimed first; an
     ``admin`` key into any. The first job into a name claims it for its owner."""
@@ -193,12 +215,8 @@ async def create_job(
         )
     config = _config(body, state.settings.max_new_tokens, get_core_settings().max_lora_rank)
     rows = None
-    if isinstance(body.training_data, str):  # a data set this server's workers read: it must be here
-        missing = await asyncio.to_thread(
-            dataset_unavailable, body.training_data, get_core_settings().data_dir
-        )
-        if missing is not None:
-            raise APIError(400, "dataset_unavailable", missing, "training_data")
+    if isinstance(body.training_data, str):
+        await _check_dataset(body.training_data, "training_data")
     elif isinstance(body.training_data, UploadedData):
         rows = body.training_data.rows()
     elif isinstance(body.training_data, list):
@@ -212,13 +230,23 @@ async def create_job(
         )
     if rows is not None and not rows:
         raise APIError(400, "invalid_training_data", "the training data has no rows", "training_data")
+    if body.validation_data is not None:
+        await _check_dataset(body.validation_data, "validation_data")
+    if (body.validation_data is None) != (config.eval_steps is None):
+        raise APIError(
+            400,
+            "invalid_request",
+            "validation_data and method.eval_steps come together: the data to evaluate on, and when",
+            "validation_data" if body.validation_data is None else "method.eval_steps",
+        )
     job = Job(
         id=new_job_id(),
         created_at=int(time.time()),
         model=state.model_name,
         method=body.method.model_dump(include={"type"} | body.method.model_fields_set),
         hyperparameters=config.as_dict(),
-        training_data="gsm8k-train" if rows is None else "upload",
+        training_data=body.training_data if rows is None else "upload",
+        validation_data=body.validation_data,
         adapter_name=body.adapter_name,
         seed=body.seed,
         metadata=body.metadata,

@@ -278,11 +278,13 @@ def create_job_call(
     seed: int = 0,
     metadata: dict[str, str] | None = None,
     model: str | None = None,
+    validation_data: str | None = None,
 ) -> Call[Job]:
     body = _drop_none(
         {
             "method": method,
             "training_data": training_data,
+            "validation_data": validation_data,
             "adapter_name": adapter_name,
             "seed": seed,
             "metadata": metadata,
@@ -455,10 +457,13 @@ class Jobs:
         seed: int = 0,
         metadata: dict[str, str] | None = None,
         model: str | None = None,
+        validation_data: str | None = None,
     ) -> Job:
         """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}`` (``"backend": "trl"`` trains
-        it with TRL's GRPOTrainer instead of the native trainer); ``training_data`` a dataset name, a list
-        of ``{question, answer}`` rows or ``{"jsonl": text}``."""
+        it with TRL's GRPOTrainer instead of the native trainer); ``training_data`` a data set's name
+        (``gsm8k-train``, ``arith-add:1-50/train``), a list of ``{question, answer}`` rows or
+        ``{"jsonl": text}``. ``validation_data`` names a data set evaluated every ``eval_steps`` steps (set
+        in ``method``); the job's metrics events carry ``eval_accuracy``."""
         return self._client._run(
             create_job_call(
                 method=method,
@@ -467,6 +472,7 @@ class Jobs:
                 seed=seed,
                 metadata=metadata,
                 model=model,
+                validation_data=validation_data,
             )
         )
 
@@ -499,10 +505,13 @@ class AsyncJobs:
         seed: int = 0,
         metadata: dict[str, str] | None = None,
         model: str | None = None,
+        validation_data: str | None = None,
     ) -> Job:
         """``method`` is ``{"type": "grpo" | "atmanrl", ...hyperparameters}`` (``"backend": "trl"`` trains
-        it with TRL's GRPOTrainer instead of the native trainer); ``training_data`` a dataset name, a list
-        of ``{question, answer}`` rows or ``{"jsonl": text}``."""
+        it with TRL's GRPOTrainer instead of the native trainer); ``training_data`` a data set's name
+        (``gsm8k-train``, ``arith-add:1-50/train``), a list of ``{question, answer}`` rows or
+        ``{"jsonl": text}``. ``validation_data`` names a data set evaluated every ``eval_steps`` steps (set
+        in ``method``); the job's metrics events carry ``eval_accuracy``."""
         return await self._client._run(
             create_job_call(
                 method=method,
@@ -511,6 +520,7 @@ class AsyncJobs:
                 seed=seed,
                 metadata=metadata,
                 model=model,
+                validation_data=validation_data,
             )
         )
 

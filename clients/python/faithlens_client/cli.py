@@ -13,6 +13,7 @@ scripts. Server and key come from ``--base-url``/``--api-key`` or ``$FAITHLENS_B
     faithlens audits create --dataset gsm8k-dev --limit 50 --saliency atman --watch
     faithlens audits results audit_... > results.jsonl
     faithlens audits report audit_... --html report.html
+    faithlens study credit --task arith-add:1-50 --arms none,coupled --seeds 0,1,2 --out studies/credit
 """
 
 from __future__ import annotations
@@ -20,11 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from faithlens_client import Faithlens
 from faithlens_client.audit import AuditReport
 from faithlens_client.errors import FaithlensError, NotFoundError
+from faithlens_client.study import (
+    DEFAULT_HYPERPARAMETERS,
+    SMOKE_HYPERPARAMETERS,
+    CreditGrid,
+    StudyFolder,
+    render_report_html,
+    report,
+    run_grid,
+)
 from faithlens_client.types import Audit, AuditEvent, Generation, Job, JobEvent
 
 
@@ -83,6 +94,8 @@ def _watch(client: Faithlens, job_id: str, as_json: bool) -> Job:
 
     def describe(event: JobEvent) -> str:
         d = event.data or {}
+        if "eval_accuracy" in d:  # a held-out evaluation (its message says it all)
+            return f"held-out {d['eval_problems']} problems"
         return f"reward {d.get('reward_mean', 0):.3f} · acc {d.get('accuracy', 0):.2f} · loss {d.get('loss', 0):.4f}"
 
     if as_json or Progress is None:
@@ -296,6 +309,10 @@ def cmd_capabilities(args: argparse.Namespace, client: Faithlens) -> int:
     width = max((len(c.name) for c in caps.credit_strategies), default=0)
     for c in caps.credit_strategies:
         print(f"  {c.name:<{width}}  {c.description}")
+    print("data sets (jobs' training_data and validation_data, audits' input):")
+    width = max((len(d.name) for d in caps.datasets), default=0)
+    for d in caps.datasets:
+        print(f"  {d.name:<{width}}  {d.description}  e.g. {d.example}")
     print("granularities:", ", ".join(caps.granularities))
     print("metrics:", ", ".join(caps.metrics))
     return 0
@@ -324,12 +341,16 @@ def cmd_jobs_create(args: argparse.Namespace, client: Faithlens) -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         method[key] = _value(value)
-    data: str | dict[str, Any] = "gsm8k-train"
+    data: str | dict[str, Any] = args.training_data
     if args.training_file:
         with open(args.training_file, encoding="utf-8") as fh:
             data = {"jsonl": fh.read()}
     job = client.jobs.create(
-        method=method, training_data=data, adapter_name=args.adapter_name, seed=args.seed
+        method=method,
+        training_data=data,
+        validation_data=args.validation_data,
+        adapter_name=args.adapter_name,
+        seed=args.seed,
     )
     print(_dump(job) if args.json else f"created {job.id} ({job.status})")
     if args.watch:
@@ -496,7 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--adapter-name", required=True)
     create.add_argument("--method", choices=["grpo", "atmanrl"], default="grpo")
     create.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a hyperparameter")
-    create.add_argument("--training-file", help="a JSONL file of {question, answer} (default: gsm8k-train)")
+    create.add_argument("--training-file", help="a JSONL file of {question, answer}")
+    create.add_argument(
+        "--training-data", default="gsm8k-train", help="a data set's name (see `faithlens capabilities`)"
+    )
+    create.add_argument(
+        "--validation-data",
+        help="a data set evaluated every eval_steps (--set eval_steps=N), e.g. a heldout split",
+    )
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--watch", action="store_true")
     command(jobs, "list", cmd_jobs_list, help="recent jobs").add_argument("--limit", type=int, default=20)
@@ -557,7 +585,82 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_capabilities,
         help="the saliency methods, credit strategies, ... the server offers",
     )
+    study = command(sub, "study", help="studies run as jobs on the server's workers").add_subparsers(
+        dest="action", required=True, metavar="STUDY"
+    )
+    credit = command(study, "credit", cmd_study_credit, help="credit strategies arm against arm (spec §12)")
+    credit.add_argument("--out", required=True, type=Path, help="the study's folder (resumable; commit it)")
+    credit.add_argument("--task", default="arith-add:1-50", help="a synthetic task (its /train and /heldout)")
+    credit.add_argument(
+        "--arms", default="none,coupled", help="credit strategies, comma-separated; with none"
+    )
+    credit.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    credit.add_argument("--max-steps", type=int, default=50)
+    credit.add_argument(
+        "--eval-steps", type=int, default=25, help="evaluate every this many steps (and at 0)"
+    )
+    credit.add_argument("--method", choices=["grpo", "atmanrl"], default="grpo")
+    credit.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a shared hyperparameter"
+    )
+    credit.add_argument("--smoke", action="store_true", help="2 arms × 1 seed × 2 steps, tiny settings (CI)")
+    credit.add_argument("--report-only", action="store_true", help="rewrite the report from the runs held")
     return parser
+
+
+def _credit_grid(args: argparse.Namespace) -> CreditGrid:
+    hyper = dict(DEFAULT_HYPERPARAMETERS)
+    if args.smoke:
+        args.task, args.arms, args.seeds, args.max_steps, args.eval_steps = (
+            "arith-add:1-15",
+            "none,coupled",
+            "0",
+            2,
+            1,
+        )
+        hyper.update(SMOKE_HYPERPARAMETERS)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        hyper[key] = _value(value)
+    try:
+        return CreditGrid(
+            task=args.task,
+            arms=[a.strip() for a in args.arms.split(",") if a.strip()],
+            seeds=[int(s) for s in args.seeds.split(",") if s.strip()],
+            max_steps=args.max_steps,
+            eval_steps=args.eval_steps,
+            hyperparameters=hyper,
+            method=args.method,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_study_credit(args: argparse.Namespace, client: Faithlens) -> int:
+    folder = StudyFolder(args.out)
+    if args.report_only:
+        grid = folder.grid()
+    else:
+        grid = _credit_grid(args)
+        try:
+            run_grid(client, folder, grid, log=lambda line: print(line, file=sys.stderr, flush=True))
+        except ValueError as exc:  # another grid in that folder
+            raise UsageError(str(exc)) from None
+    rep = report(grid, folder.results())
+    (folder.root / "report.json").write_text(json.dumps(rep, indent=1))
+    (folder.root / "report.html").write_text(render_report_html(rep), encoding="utf-8")
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(f"study {rep['study_id']}: {rep['runs']['succeeded']}/{rep['runs']['planned']} runs succeeded")
+        print(f"{'arm':<16}{'step':>6}{'seeds':>7}{'accuracy':>10}{'− none':>9}  95% CI")
+        for r in rep["accuracy"]:
+            ci = "" if r.get("diff_low") is None else f"[{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]"
+            diff = "" if r.get("diff") is None else f"{r['diff']:+.3f}"
+            acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+            print(f"{r['arm']:<16}{r['step']:>6}{r['seeds']:>7}{acc:>10}{diff:>9}  {ci}")
+        print(f"report: {folder.root / 'report.json'}, {folder.root / 'report.html'}")
+    return 0 if rep["runs"]["succeeded"] == rep["runs"]["planned"] else 1
 
 
 def run(args: argparse.Namespace, client: Faithlens) -> int:

@@ -138,6 +138,8 @@ class Job(_Model):
     method: dict[str, Any]
     hyperparameters: dict[str, Any]
     adapter_name: str
+    training_data: str | None = None
+    validation_data: str | None = None
     result_adapter: str | None = None
     seed: int = 0
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -179,12 +181,22 @@ class CreditStrategyInfo(_Model):
     description: str = ""
 
 
+class DatasetInfo(_Model):
+    """A data set jobs and audits name, or a family of synthetic tasks (``name`` is then its pattern)."""
+
+    name: str
+    description: str = ""
+    example: str = ""
+    splits: list[str] = Field(default_factory=list)
+
+
 class Capabilities(_Model):
     """The answer of ``GET /v1/capabilities``: what this server offers, by name."""
 
     object: str = "capabilities"
     saliency_methods: list[SaliencyMethodInfo]
     credit_strategies: list[CreditStrategyInfo]
+    datasets: list[DatasetInfo] = Field(default_factory=list)  # empty from a server older than the field
     granularities: list[str]
     metrics: list[str]
 
