@@ -63,9 +63,19 @@ def answers(
     params: SamplingParams | None = None,
     chat: bool = True,
 ) -> list[SequenceState]:
-    """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise)."""
+    """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise; a
+    seeded sampling gives problem ``i`` the seed ``seed + i``, so rows draw independent noise)."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
-    seqs = [SequenceState(lm.prompt_ids(p.question, chat=chat), params, adapter=adapter) for p in problems]
+
+    def row_params(i: int) -> SamplingParams:
+        if params.seed is None or params.temperature == 0:
+            return params
+        return params.model_copy(update={"seed": params.seed + i})
+
+    seqs = [
+        SequenceState(lm.prompt_ids(p.question, chat=chat), row_params(i), adapter=adapter)
+        for i, p in enumerate(problems)
+    ]
     batch = DecodeBatch.for_work(lm, [(len(seq.prompt_ids), params.max_new_tokens) for seq in seqs])
     for seq in seqs:
         batch.add(seq)
@@ -104,8 +114,11 @@ def evaluate(
     internal: str | None,
     max_new_tokens: int,
     saliency: str | None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> EvalReport:
-    seqs = answers(lm, problems, internal or BASE_ADAPTER, max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    seqs = answers(lm, problems, internal or BASE_ADAPTER, max_new_tokens, params)
     anchor, preplan, pairs, shares, rhos = [], [], [], [], []
     for seq in seqs:
         if not seq.token_ids:
@@ -154,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N problems (default: all)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--saliency", choices=[*SALIENCY_METHODS.names(), "none"], default="atman_grad")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 (default): greedy; above 0, sampled (a credit study's task check uses the rollout temperature)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (problem i draws with seed + i)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -162,12 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
     saliency = None if args.saliency == "none" else args.saliency
-    reports = [evaluate(lm, problems, lm.name, None, args.max_new_tokens, saliency)]
+    sampling = {"temperature": args.temperature, "seed": args.seed}
+    reports = [evaluate(lm, problems, lm.name, None, args.max_new_tokens, saliency, **sampling)]
     if args.adapter:
         path = resolve_adapter(args.adapter, settings.adapters)
         lora.attach(lm, path, "candidate")
         reports.append(
-            evaluate(lm, problems, f"{args.adapter} ({path})", "candidate", args.max_new_tokens, saliency)
+            evaluate(
+                lm,
+                problems,
+                f"{args.adapter} ({path})",
+                "candidate",
+                args.max_new_tokens,
+                saliency,
+                **sampling,
+            )
         )
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
