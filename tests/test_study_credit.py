@@ -302,3 +302,24 @@ def test_study_credit_smoke_survives_a_killed_worker_and_a_killed_study(stack):
         timeout=60,
     )
     assert again.returncode == 0 and again.stderr.count("done earlier, skipped") == 2, again.stderr
+
+
+def test_a_recorded_job_the_server_lost_is_submitted_again(stack, tmp_path):
+    """Redis wiped under a study: the run's recorded job id is unknown now, so the run is submitted anew
+    rather than followed forever or dropped."""
+    from faithlens_client import Faithlens
+    from faithlens_client.study import SMOKE_HYPERPARAMETERS, StudyFolder, run_grid
+
+    server, *_ = stack
+    grid = CreditGrid(
+        "arith-add:1-15", ["none"], [5], max_steps=1, eval_steps=1, hyperparameters=SMOKE_HYPERPARAMETERS
+    )
+    folder = StudyFolder(tmp_path / "lost")
+    folder.open(grid)
+    folder.save_job_id("none", 5, "ftjob-" + "0" * 24)
+    lines: list[str] = []
+    with Faithlens(base_url=server.url) as client:
+        results = run_grid(client, folder, grid, poll_s=0.3, log=lines.append)
+    assert any("no longer knows ftjob-000" in line for line in lines), lines
+    assert [(r.arm, r.seed, r.status) for r in results] == [("none", 5, "succeeded")]
+    assert sorted(results[0].evals) == ["0", "1"]

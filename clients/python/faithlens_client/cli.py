@@ -605,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     credit.add_argument("--smoke", action="store_true", help="2 arms × 1 seed × 2 steps, tiny settings (CI)")
     credit.add_argument("--report-only", action="store_true", help="rewrite the report from the runs held")
+    credit.add_argument("--retry-failed", action="store_true", help="resubmit runs whose job did not succeed")
     return parser
 
 
@@ -643,7 +644,13 @@ def cmd_study_credit(args: argparse.Namespace, client: Faithlens) -> int:
     else:
         grid = _credit_grid(args)
         try:
-            run_grid(client, folder, grid, log=lambda line: print(line, file=sys.stderr, flush=True))
+            run_grid(
+                client,
+                folder,
+                grid,
+                log=lambda line: print(line, file=sys.stderr, flush=True),
+                retry_failed=args.retry_failed,
+            )
         except ValueError as exc:  # another grid in that folder
             raise UsageError(str(exc)) from None
     rep = report(grid, folder.results())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from faithlens_client._client import Faithlens
+from faithlens_client.errors import NotFoundError
 from faithlens_client.render import asset
 from faithlens_client.types import Job
 
@@ -167,16 +168,23 @@ def run_grid(
     grid: CreditGrid,
     poll_s: float = 2.0,
     log: Callable[[str], None] = print,
+    retry_failed: bool = False,
 ) -> list[RunResult]:
     """Submit every run that has neither a result nor a job, then follow the jobs until all have ended,
-    saving each run's result as its job ends. Returns every ended run of the grid."""
+    saving each run's result as its job ends. Returns every ended run of the grid. A run that ended
+    without succeeding is kept as it ended (and reported) unless ``retry_failed``; a recorded job the
+    server no longer knows is submitted again."""
     folder.open(grid)
     pending: dict[tuple[str, int], str] = {}
     for arm, seed in grid.runs():
-        if folder.result(arm, seed) is not None:
+        result = folder.result(arm, seed)
+        if result is not None and (result.status == "succeeded" or not retry_failed):
             log(f"{run_key(arm, seed)}: done earlier, skipped")
             continue
-        job_id = folder.job_id(arm, seed)
+        job_id = None if result is not None else folder.job_id(arm, seed)
+        if job_id is not None and not _known(client, job_id):
+            log(f"{run_key(arm, seed)}: the server no longer knows {job_id}; submitting again")
+            job_id = None
         if job_id is None:
             job = client.jobs.create(
                 method=grid.method_for(arm),
@@ -208,6 +216,14 @@ def run_grid(
         if pending:
             time.sleep(poll_s)
     return folder.results()
+
+
+def _known(client: Faithlens, job_id: str) -> bool:
+    try:
+        client.jobs.get(job_id)
+    except NotFoundError:
+        return False
+    return True
 
 
 def collect(client: Faithlens, job: Job, arm: str, seed: int) -> RunResult:
