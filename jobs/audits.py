@@ -78,7 +78,9 @@ class Audit(BaseModel):
     status: AuditStatus = "validating"
     model: str
     adapter: str | None = None
-    input: str = Field(description="`inline`, `upload`, `gsm8k-dev` or `gsm8k-train`.")
+    input: str = Field(
+        description="`inline`, `upload`, or a data set's name (`gsm8k-dev`, `arith-add:1-50/heldout`)."
+    )
     analysis: dict[str, Any] = Field(description="The analysis options (as for /v1/analyze), in full.")
     sampling: dict[str, Any] = Field(description="How rows without a completion are generated.")
     reports: list[str]
