@@ -62,13 +62,16 @@ def answers(
     max_new_tokens: int,
     params: SamplingParams | None = None,
     chat: bool = True,
+    distinct_seeds: bool = False,
 ) -> list[SequenceState]:
-    """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise; a
-    seeded sampling gives problem ``i`` the seed ``seed + i``, so rows draw independent noise)."""
+    """Decode every problem's answer in one continuous batch (greedy unless ``params`` say otherwise).
+    Each row decodes exactly as ``generate`` with ``params`` would; with ``distinct_seeds`` a seeded
+    sampling gives problem ``i`` the seed ``seed + i`` instead, so that rows draw independent noise (an
+    accuracy estimate over sampled answers)."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens)
 
     def row_params(i: int) -> SamplingParams:
-        if params.seed is None or params.temperature == 0:
+        if not distinct_seeds or params.seed is None or params.temperature == 0:
             return params
         return params.model_copy(update={"seed": params.seed + i})
 
@@ -118,7 +121,7 @@ def evaluate(
     seed: int = 0,
 ) -> EvalReport:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    seqs = answers(lm, problems, internal or BASE_ADAPTER, max_new_tokens, params)
+    seqs = answers(lm, problems, internal or BASE_ADAPTER, max_new_tokens, params, distinct_seeds=True)
     anchor, preplan, pairs, shares, rhos = [], [], [], [], []
     for seq in seqs:
         if not seq.token_ids:
