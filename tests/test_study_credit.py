@@ -253,6 +253,7 @@ def _study(server, out: Path, log: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.timeout(600)
 def test_study_credit_smoke_survives_a_killed_worker_and_a_killed_study(stack):
     """Kill the worker and the study once the first run has ended; the rerun keeps that run (same job, same
     file), follows the other run's job instead of submitting a new one, and writes the report."""
@@ -304,13 +305,14 @@ def test_study_credit_smoke_survives_a_killed_worker_and_a_killed_study(stack):
     assert again.returncode == 0 and again.stderr.count("done earlier, skipped") == 2, again.stderr
 
 
+@pytest.mark.timeout(300)
 def test_a_recorded_job_the_server_lost_is_submitted_again(stack, tmp_path):
     """Redis wiped under a study: the run's recorded job id is unknown now, so the run is submitted anew
     rather than followed forever or dropped."""
     from faithlens_client import Faithlens
     from faithlens_client.study import SMOKE_HYPERPARAMETERS, StudyFolder, run_grid
 
-    server, *_ = stack
+    server, env, _, work = stack
     grid = CreditGrid(
         "arith-add:1-15", ["none"], [5], max_steps=1, eval_steps=1, hyperparameters=SMOKE_HYPERPARAMETERS
     )
@@ -318,8 +320,12 @@ def test_a_recorded_job_the_server_lost_is_submitted_again(stack, tmp_path):
     folder.open(grid)
     folder.save_job_id("none", 5, "ftjob-" + "0" * 24)
     lines: list[str] = []
-    with Faithlens(base_url=server.url) as client:
-        results = run_grid(client, folder, grid, poll_s=0.3, log=lines.append)
+    worker = Worker(env, work / "worker-lost.log")  # its own: an earlier test killed the module's worker
+    try:
+        with Faithlens(base_url=server.url) as client:
+            results = run_grid(client, folder, grid, poll_s=0.3, log=lines.append)
+    finally:
+        worker.stop()
     assert any("no longer knows ftjob-000" in line for line in lines), lines
     assert [(r.arm, r.seed, r.status) for r in results] == [("none", 5, "succeeded")]
     assert sorted(results[0].evals) == ["0", "1"]
