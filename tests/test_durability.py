@@ -260,3 +260,50 @@ def test_worker_refuses_names_and_paths_crafted_in_redis(tmp_path):
         assert sorted(p.name for p in store_dir.iterdir()) == [".jobs"]  # nothing but the journal
     finally:
         redis_proc.stop()
+
+
+def test_worker_fails_data_set_names_crafted_in_redis(tmp_path):
+    """A record whose data set names were rewritten in Redis (a path, an unknown task, a task too large to
+    enumerate) fails with unknown_dataset before any file is read or the model loads; nothing else."""
+    from faithlens.settings import CoreSettings
+    from jobs.journal import Journal
+    from jobs.models import Job, new_job_id
+    from jobs.settings import QueueSettings
+    from jobs.store import JobStore
+    from workers.runner import WorkerSettings, run_job
+
+    redis_proc = RedisProcess(tmp_path / "redis", aof=False)
+    try:
+        store_dir = tmp_path / "store"
+        store = JobStore(redis_proc.url, journal=Journal(store_dir))
+        settings = WorkerSettings(
+            CoreSettings(adapter_store=store_dir, model=str(tmp_path / "no-model"), data_dir=tmp_path),
+            QueueSettings(redis_url=redis_proc.url),
+        )
+        crafted = [
+            ("training_data", "../../etc/passwd"),
+            ("training_data", "arith-add:1-99999/train"),
+            ("validation_data", "/etc/passwd"),
+            ("validation_data", "arith-nope:1-9/heldout"),
+        ]
+        for field, value in crafted:
+            job = Job(
+                id=new_job_id(),
+                created_at=int(time.time()),
+                model="tiny",
+                method={"type": "grpo"},
+                hyperparameters={"eval_steps": 1},
+                training_data="arith-add:1-15/train",
+                validation_data="arith-add:1-15/heldout",
+                adapter_name="fine",
+            )
+            store.create(job)
+            raw = json.loads(store.redis.get(f"faithlens:job:{job.id}"))
+            store.redis.set(f"faithlens:job:{job.id}", json.dumps({**raw, field: value}))
+            assert run_job(job.id, "worker-test", settings) == "failed"
+            failed = store.get(job.id)
+            assert failed.error is not None and failed.error.code == "unknown_dataset", failed.error
+            assert failed.error.message.startswith(field)
+        assert not (store_dir / "fine").exists()
+    finally:
+        redis_proc.stop()
