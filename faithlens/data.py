@@ -64,9 +64,9 @@ def check_dataset(name: str) -> str:
 def dataset_unavailable(name: str, data_dir: Path | None = None) -> str | None:
     """None when the data set ``name`` can be read here; otherwise why not: where its file was looked for
     and which variable to set. Checked where a job or an audit is created, so that a missing file is
-    refused up front rather than failing on a worker later. A task's splits are always available."""
+    refused up front rather than failing on a worker later. Any other name (a task's split, generated, so
+    always available) is None: ``check_dataset`` says whether it names a data set."""
     if name not in DATASETS:
-        check_dataset(name)
         return None
     split = DATASETS[name]
     path = gsm8k_location(split, data_dir)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,26 +65,37 @@ class Worker:
                 self.kill()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """A server and the environment its workers need (same model, store, channel, queue)."""
-    work = tmp_path_factory.mktemp("jobs")
+@contextmanager
+def job_stack(
+    work: Path, queue_prefix: str, **worker_env: str
+) -> Iterator[tuple[Server, dict, Worker, Path]]:
+    """A server on the tiny model with its own Redis and job queue, and one worker with the environment it
+    needs (same model, store, channel, queue; plus ``worker_env``). Yields (server, that environment, the
+    worker, ``work``); a test that kills the worker starts its own from the environment."""
     tiny = save_tiny(work / "tiny-llama")
-    queue = f"faithlens-jobs-test-{uuid.uuid4().hex[:8]}"
     with private_redis(work / "redis") as url:
         server = start_server(
             work,
             tiny,
             REDIS_URL=url,
-            FAITHLENS_JOB_QUEUE=queue,
+            FAITHLENS_JOB_QUEUE=f"{queue_prefix}-{uuid.uuid4().hex[:8]}",
             FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
             FAITHLENS_JOB_LEASE_TTL_S="4",
         )
-        worker_env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}
-        worker = Worker(worker_env, work / "worker.log")
-        yield server, worker_env, worker, work
-        worker.stop()
-        server.stop()
+        env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO", **worker_env}
+        worker = Worker(env, work / "worker.log")
+        try:
+            yield server, env, worker, work
+        finally:
+            worker.stop()
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A server and the environment its workers need (same model, store, channel, queue)."""
+    with job_stack(tmp_path_factory.mktemp("jobs"), "faithlens-jobs-test") as parts:
+        yield parts
 
 
 def create(server: Server, c: httpx.Client, **overrides) -> dict:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,8 @@ from faithlens_client.study import (
 
 from faithlens.arith import task_splits
 from faithlens.data import UnknownDataset, check_dataset, load_dataset
-from faithlens.tiny import save_tiny
-from tests.servers import REPO, start_server
-from tests.test_job_store import private_redis
-from tests.test_jobs import TINY_JOB, Worker
+from tests.servers import REPO
+from tests.test_jobs import TINY_JOB, Worker, job_stack
 
 FAITHLENS_CLI = Path(sys.executable).parent / "faithlens"
 
@@ -143,22 +140,8 @@ def test_the_report_pairs_arms_by_seed_and_problem_and_lists_failed_runs():
 # -- in jobs and through the CLI, on real processes --------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("study")
-    tiny = save_tiny(work / "tiny-llama")
-    with private_redis(work / "redis") as url:
-        server = start_server(
-            work,
-            tiny,
-            REDIS_URL=url,
-            FAITHLENS_JOB_QUEUE=f"faithlens-study-test-{uuid.uuid4().hex[:8]}",
-            FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
-            FAITHLENS_JOB_LEASE_TTL_S="4",
-        )
-        env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO"}
-        worker = Worker(env, work / "worker.log")
-        yield server, env, worker, work
-        worker.stop()
-        server.stop()
+    with job_stack(tmp_path_factory.mktemp("study"), "faithlens-study-test") as parts:
+        yield parts
 
 
 def test_capabilities_list_the_data_sets(stack):

@@ -16,7 +16,7 @@ import pytest
 from faithlens.tiny import save_tiny
 from tests.servers import start_server
 from tests.test_job_store import private_redis
-from tests.test_jobs import ROWS, TINY_JOB, Worker, wait
+from tests.test_jobs import ROWS, TINY_JOB, Worker, job_stack, wait
 
 TRL_JOB = {**TINY_JOB, "backend": "trl", "credit": "coupled", "max_new_tokens": 16}
 NATIVE_KEYS = {
@@ -38,21 +38,8 @@ NATIVE_KEYS = {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("trl-jobs")
-    tiny = save_tiny(work / "tiny-llama")
-    with private_redis(work / "redis") as url:
-        server = start_server(
-            work,
-            tiny,
-            REDIS_URL=url,
-            FAITHLENS_JOB_QUEUE=f"faithlens-jobs-trl-{uuid.uuid4().hex[:8]}",
-            FAITHLENS_JOB_VISIBILITY_TIMEOUT_S="6",
-            FAITHLENS_JOB_LEASE_TTL_S="4",
-        )
-        env = {**server.env, "FAITHLENS_LOG_LEVEL": "INFO", "TRL_EXPERIMENTAL_SILENCE": "1"}
-        worker = Worker(env, work / "worker.log")
-        yield server, env, worker, work
-        worker.stop()
-        server.stop()
+    with job_stack(work, "faithlens-jobs-trl", TRL_EXPERIMENTAL_SILENCE="1") as parts:
+        yield parts
 
 
 def create(c, method: dict, adapter_name: str = "tiny-trl") -> dict:

@@ -295,7 +295,7 @@ def report(grid: CreditGrid, results: list[RunResult], seed: int = 0) -> dict[st
     training step, the mean reward, flagged share and γ. Runs that did not succeed are listed, not used."""
     ok = [r for r in results if r.status == "succeeded"]
     by_arm = {arm: {r.seed: r for r in ok if r.arm == arm} for arm in grid.arms}
-    eval_steps = sorted({int(s) for r in ok for s in r.evals}, key=int)
+    eval_steps = sorted({int(s) for r in ok for s in r.evals})
     accuracy: list[dict[str, Any]] = []
     for arm in grid.arms:
         for step in eval_steps:
